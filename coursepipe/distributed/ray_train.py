@@ -1,0 +1,231 @@
+"""The only module that imports Ray: a recipe's training run as a Ray Train TorchTrainer job.
+
+The same `train_loop_per_worker` runs on one laptop core (1 worker) or many GPUs; it differs
+from a plain loop by three things: the model goes through `prepare_model`, each rank reads its
+own shard of the rows, and every epoch ends in `ray.train.report` (rank 0 attaches the
+checkpoint). A run's name comes from a hash of its params and data, so a restarted run with the
+same inputs resumes from its last checkpoint and a changed one starts fresh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from coursepipe.config import RecipeConfig
+from coursepipe.learn.callbacks import EpochTable, ParamScheduler, Recorder, Timer
+from coursepipe.learn.loop import Callback, Learner
+from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
+
+CKPT_FILE = "checkpoint.pt"
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- per-rank data
+
+def shard_batches(n: int, bs: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool,
+                  drop_last: bool):
+    """Row indices of this rank's batches. Every rank gets the same number of batches, so DDP's
+    all-reduces line up; the permutation depends only on (seed, epoch), so a resumed epoch
+    replays exactly."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    per_rank = n // world if drop_last else -(-n // world)
+    mine = order[rank::world][:per_rank]
+    local_bs = max(1, bs // world) if drop_last else bs
+    n_batches = len(mine) // local_bs if drop_last else -(-len(mine) // local_bs)
+    return [mine[i * local_bs:(i + 1) * local_bs] for i in range(n_batches)]
+
+
+class TensorBatches:
+    """Batches of in-memory tensors for one rank: slicing, no per-row collation."""
+
+    def __init__(self, tensors, bs: int, rank: int, world: int, seed: int, train: bool):
+        self.tensors, self.bs, self.rank, self.world = tensors, bs, rank, world
+        self.seed, self.train = seed, train
+
+    def __call__(self, epoch: int = 0):
+        n = len(self.tensors[0])
+        for idx in shard_batches(n, self.bs, self.rank, self.world, self.seed, epoch,
+                                 shuffle=self.train, drop_last=self.train):
+            yield tuple(t[idx] for t in self.tensors)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+class RayReport(Callback):
+    """After every epoch: all ranks report metrics; rank 0 attaches a full checkpoint."""
+    order = 90
+
+    def __init__(self, rank: int, processor: dict, recorder: Recorder):
+        self.rank, self.processor, self.recorder = rank, processor, recorder
+
+    def after_epoch(self):
+        import ray.train
+
+        learn = self.learn
+        metrics = {k: float(v) for k, v in learn.log.items()}
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        state = {"model": unwrap(learn.model).state_dict(), "opt": learn.opt.state_dict(),
+                 "epoch": learn.epoch, "step": learn.step, "history": self.recorder.history,
+                 "rng": rng_state(), "processor": self.processor}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / CKPT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def load_checkpoint(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+def build_optimizer(model: torch.nn.Module, groups, t):
+    """AdamW over the splitter's param groups (fastai's eps=1e-5, beta2=0.99)."""
+    return torch.optim.AdamW([{"params": g, "lr_scale": 1.0} for g in groups if g],
+                             lr=t.lr, betas=(t.moms[0], 0.99), eps=1e-5, weight_decay=t.wd)
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    import ray.train
+    import ray.train.torch
+
+    from coursepipe.recipes import get_recipe
+
+    cfg: RecipeConfig = config["cfg"]
+    frame: pd.DataFrame = config["frame"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(t.cpus_per_worker)
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+
+    recipe = get_recipe(cfg.name)
+    train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
+    processor = recipe.fit_processor(train_df, cfg.model)  # deterministic: same on every rank
+    model = recipe.build_model(processor, cfg.model)
+    opt = build_optimizer(model, recipe.splitter(model), t)
+    device = ray.train.torch.get_device()
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted run (same name) or a worker-group restart
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
+    model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            torch.distributed.all_reduce(x)
+        return x
+
+    recorder, timer = Recorder(history), Timer()
+    use_amp = t.mixed_precision and device.type == "cuda"
+    learn = Learner(
+        model,
+        TensorBatches(recipe.tensors(processor, train_df), t.bs, rank, world, t.seed, train=True),
+        TensorBatches(recipe.tensors(processor, valid_df), t.bs * 4, rank, world, t.seed, train=False),
+        recipe.loss_func(), opt, recipe.metrics(),
+        cbs=[ParamScheduler({"lr": one_cycle_lr(t.lr, t.pct_start, t.div, t.div_final),
+                             "beta1": one_cycle_mom(t.moms, t.pct_start)}),
+             recorder, timer, EpochTable(show=rank == 0 and config.get("verbose", True)),
+             RayReport(rank, processor, recorder)],
+        device=device, reduce=reduce,
+        autocast_dtype=torch.bfloat16 if use_amp else None)
+    learn.fit(t.epochs, start_epoch=start_epoch)
+    if rank == 0:
+        return {"history": recorder.history, "train_seconds": timer.seconds}
+    return None
+
+
+# ----------------------------------------------------------------------------- the driver side
+
+@dataclass
+class FitResult:
+    state: dict              # the last checkpoint: model, history, processor, ...
+    history: list[dict]
+    train_seconds: float     # rank 0's epoch loop (0 when the run was already complete)
+    wall_seconds: float      # the whole fit() call, start-up and teardown included
+    run_name: str
+    storage: str
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local one. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
+             configure_logging=True)
+
+
+def fit(cfg: RecipeConfig, frame: pd.DataFrame, storage: str, run_name: str,
+        verbose: bool = True) -> FitResult:
+    """Train `cfg` on the prepared `frame` (with an is_valid column) through Ray Train."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.perf_counter()
+    init_ray()
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "frame": frame, "verbose": verbose},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray run {run_name} finished without a checkpoint")
+    state = load_checkpoint(result.checkpoint)
+    ret = result.return_value or {}
+    return FitResult(state=state, history=list(state["history"]),
+                     train_seconds=float(ret.get("train_seconds", 0.0)),
+                     wall_seconds=time.perf_counter() - t0, run_name=run_name, storage=storage)
