@@ -55,20 +55,26 @@ def run(cfg: RecipeConfig, paths: Paths, storage: str, verbose: bool = True) -> 
     frame = prepare.load(paths, cfg.name)
     name = run_name(cfg, file_digest(paths.prepared(cfg.name) / prepare.TABLE))
     fit = ray_train.fit(cfg, frame, storage=storage, run_name=name, verbose=verbose)
-    state = fit.state
-    with atomic_path(paths.model(cfg.name)) as out:
-        out.mkdir()
-        torch.save({"recipe": cfg.name, "model_config": dataclasses.asdict(cfg.model),
-                    "state_dict": state["model"], "processor": state["processor"],
-                    "history": fit.history, "run_name": name}, out / MODEL_FILE)
-        (out / SUMMARY_FILE).write_text(json.dumps({
-            "run_name": name, "storage": storage, "epochs": len(fit.history),
-            "train_seconds": round(fit.train_seconds, 3),
-            "startup_seconds": round(fit.wall_seconds - fit.train_seconds, 3)}, indent=2) + "\n")
-    write_text(paths.history(cfg.name), history_csv(fit.history))
+    save_bundle(paths, cfg, fit.state["model"], fit.state["processor"], fit.history, summary={
+        "run_name": name, "storage": storage, "epochs": len(fit.history),
+        "train_seconds": round(fit.train_seconds, 3),
+        "startup_seconds": round(fit.wall_seconds - fit.train_seconds, 3)})
     return TrainResult(run_name=name, epochs_run=len(fit.history), history=fit.history,
                        train_seconds=fit.train_seconds,
                        startup_seconds=fit.wall_seconds - fit.train_seconds)
+
+
+def save_bundle(paths: Paths, cfg: RecipeConfig, state_dict: dict, processor: dict,
+                history: list[dict], summary: dict) -> Path:
+    """Write models/<recipe>/ (weights + preprocessing + config) and the history CSV atomically."""
+    with atomic_path(paths.model(cfg.name)) as out:
+        out.mkdir()
+        torch.save({"recipe": cfg.name, "model_config": dataclasses.asdict(cfg.model),
+                    "state_dict": state_dict, "processor": processor, "history": history,
+                    "run_name": summary.get("run_name")}, out / MODEL_FILE)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(paths.history(cfg.name), history_csv(history))
+    return paths.model(cfg.name)
 
 
 def load_model(paths: Paths, cfg: RecipeConfig) -> tuple[torch.nn.Module, dict, dict]:

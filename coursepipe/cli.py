@@ -1,0 +1,142 @@
+"""`coursepipe <stage> <recipe>`: the door dvc.yaml, the Prefect tasks and `ray job submit` call.
+
+Every command takes --root (default: the current directory) and reads <root>/params.yaml.
+Expected failures (bad params, bad data, a failed validation) print one clear line and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coursepipe.paths import Paths
+from coursepipe.stages import STAGES
+
+
+def _cfg(args):
+    from coursepipe import config
+    params = config.load(Path(args.params) if args.params else Paths(args.root).params)
+    return params, params.recipe(args.recipe)
+
+
+def dvc_track_data(root: Path) -> None:
+    """`dvc add data` + `dvc push`: version the raw archives (only inside a DVC repo)."""
+    if not (root / ".dvc").is_dir():
+        print(f"{root} is not a DVC repo: data/ left untracked", file=sys.stderr)
+        return
+    for cmd in (["dvc", "add", "data"], ["dvc", "push", "data.dvc"]):
+        subprocess.run([sys.executable, "-m", "dvc", *cmd[1:]], cwd=root, check=True)
+
+
+def cmd_fetch(args) -> None:
+    from coursepipe.sources import fetch
+    params, cfg = _cfg(args)
+    paths = Paths(args.root)
+    path = fetch(cfg, paths.data, paths.root, force=args.force)
+    print(f"fetched {cfg.source!r} -> {path.relative_to(paths.root)}")
+    if not args.no_dvc:
+        dvc_track_data(paths.root)
+
+
+def cmd_stage(args) -> None:
+    import importlib
+    params, cfg = _cfg(args)
+    paths = Paths(args.root)
+    stage = importlib.import_module(f"coursepipe.stages.{args.command}")
+    t0 = time.perf_counter()
+    if args.command == "train":
+        result = stage.run(cfg, paths, storage=paths.runs(params.ray_storage))
+    else:
+        result = stage.run(cfg, paths)
+    print(f"{args.command}@{cfg.name} done in {time.perf_counter() - t0:.1f}s: {summary(result)}")
+
+
+def summary(result) -> str:
+    import dataclasses
+    if dataclasses.is_dataclass(result):
+        keep = {k: v for k, v in dataclasses.asdict(result).items() if not isinstance(v, (list, dict))}
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())
+    return str(result)
+
+
+def cmd_pipeline(args) -> None:
+    """Every stage of a recipe in this process: the `ray job submit` entry point."""
+    args.force, args.no_dvc = False, not args.dvc
+    if not args.skip_fetch:
+        cmd_fetch(args)  # idempotent: a verified archive is kept
+    for stage in STAGES:
+        args.command = stage
+        cmd_stage(args)
+
+
+def cmd_predict(args) -> None:
+    import pandas as pd
+    from coursepipe.export.portable import predict_frame
+    export_dir = Path(args.export) if args.export else Paths(args.root).export(args.recipe)
+    out = predict_frame(export_dir, pd.read_csv(args.rows, skipinitialspace=True, na_values=["?"]))
+    out.to_csv(args.out or sys.stdout, index=False)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coursepipe", description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=os.getcwd(), help="project root (default: current directory)")
+    p.add_argument("--params", default=None, help="params file (default: <root>/params.yaml)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="fetch a recipe's source archive into data/ and version it")
+    f.add_argument("recipe")
+    f.add_argument("--force", action="store_true", help="fetch again even if the file verifies")
+    f.add_argument("--no-dvc", action="store_true", help="skip `dvc add data` / `dvc push`")
+    f.set_defaults(fn=cmd_fetch)
+
+    for stage in STAGES:
+        s = sub.add_parser(stage, help=f"run the {stage} stage of a recipe")
+        s.add_argument("recipe")
+        s.set_defaults(fn=cmd_stage)
+
+    pl = sub.add_parser("pipeline", help="fetch + every stage in one process (for `ray job submit`)")
+    pl.add_argument("recipe")
+    pl.add_argument("--skip-fetch", action="store_true")
+    pl.add_argument("--dvc", action="store_true",
+                    help="also `dvc add data` + `dvc push` (off: a job's root is usually no DVC repo)")
+    pl.set_defaults(fn=cmd_pipeline)
+
+    pr = sub.add_parser("predict", help="label CSV rows with an exported model (export alone)")
+    pr.add_argument("recipe")
+    pr.add_argument("rows", help="CSV with the model's input columns")
+    pr.add_argument("--export", help="export folder (default: <root>/export/<recipe>)")
+    pr.add_argument("--out", help="output CSV (default: stdout)")
+    pr.set_defaults(fn=cmd_predict)
+    return p
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from coursepipe.config import ConfigError
+    from coursepipe.data.archive import ArchiveError
+    from coursepipe.sources import SourceError
+    errors: list[type[BaseException]] = [ConfigError, ArchiveError, SourceError, FileNotFoundError,
+                                         KeyError, ValueError]
+    try:
+        from coursepipe.stages.validate import ValidationFailed
+        errors.append(ValidationFailed)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except expected_errors() as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"coursepipe {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
