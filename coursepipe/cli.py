@@ -62,8 +62,21 @@ def summary(result) -> str:
     return str(result)
 
 
+def seed_root(root: Path, source: Path) -> None:
+    """Give a fresh output root (shared storage) the params and suites of the code it runs with."""
+    import shutil
+    root.mkdir(parents=True, exist_ok=True)
+    if source.resolve() == root.resolve():
+        return
+    if not (root / "params.yaml").exists():
+        shutil.copy(source / "params.yaml", root / "params.yaml")
+    if not (root / "gx").exists() and (source / "gx").is_dir():
+        shutil.copytree(source / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
+
+
 def cmd_pipeline(args) -> None:
     """Every stage of a recipe in this process: the `ray job submit` entry point."""
+    seed_root(Path(args.root), Path(args.seed_from))
     args.force, args.no_dvc = False, not args.dvc
     if not args.skip_fetch:
         cmd_fetch(args)  # idempotent: a verified archive is kept
@@ -100,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="fetch + every stage in one process (for `ray job submit`)")
     pl.add_argument("recipe")
     pl.add_argument("--skip-fetch", action="store_true")
+    pl.add_argument("--seed-from", default=os.getcwd(),
+                    help="copy params.yaml and gx/ from here into a root that lacks them (default: .)")
     pl.add_argument("--dvc", action="store_true",
                     help="also `dvc add data` + `dvc push` (off: a job's root is usually no DVC repo)")
     pl.set_defaults(fn=cmd_pipeline)

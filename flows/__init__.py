@@ -1,0 +1,1 @@
+"""Prefect flows: one recipe, all recipes, and their scheduled deployments."""

@@ -1,0 +1,73 @@
+"""Real Ray Train runs (2 CPU workers, gloo) on a tiny synthetic adult table."""
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from coursepipe.distributed import ray_train
+from coursepipe.stages import prepare, train
+
+
+def with_train(cfg, **kw):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
+
+
+def majority_rate(paths) -> float:
+    valid = prepare.load(paths, "adult").query("is_valid")
+    return valid["salary"].value_counts(normalize=True).max()
+
+
+def test_run_name_follows_params_and_data(adult_cfg):
+    same = train.run_name(adult_cfg, "digest-a")
+    assert same == train.run_name(adult_cfg, "digest-a")
+    assert same != train.run_name(adult_cfg, "digest-b")
+    assert same != train.run_name(with_train(adult_cfg, lr=0.02), "digest-a")
+
+
+def test_shards_are_disjoint_and_equal_sized():
+    shards = [ray_train.shard_batches(103, 8, r, 2, seed=1, epoch=0, shuffle=True, drop_last=True)
+              for r in range(2)]
+    rows = [torch.cat(s).tolist() for s in shards]
+    assert len(shards[0]) == len(shards[1])                  # DDP needs equal step counts
+    assert not set(rows[0]) & set(rows[1])
+    assert all(len(b) == 4 for s in shards for b in s)       # global bs 8 over 2 ranks
+    again = ray_train.shard_batches(103, 8, 0, 2, seed=1, epoch=0, shuffle=True, drop_last=True)
+    assert [b.tolist() for b in again] == [b.tolist() for b in shards[0]]  # resume replays
+
+
+def test_two_workers_train_and_a_restart_resumes(prepared, adult_cfg, ray_session):
+    cfg = with_train(adult_cfg, num_workers=2, epochs=2)
+    storage = prepared.runs(".runs")
+    first = train.run(cfg, prepared, storage=storage, verbose=False)
+
+    assert [h["epoch"] for h in first.history] == [0, 1]
+    assert first.history[-1]["accuracy"] > majority_rate(prepared) + 0.03
+    assert first.train_seconds > 0
+    hist = pd.read_csv(prepared.history("adult"))
+    assert list(hist["epoch"]) == [0, 1] and "valid_loss" in hist
+    model, processor, bundle = train.load_model(prepared, cfg)
+    assert bundle["run_name"] == first.run_name
+
+    # Same params and data: the run name repeats, Ray finds the finished run's last checkpoint,
+    # and nothing is trained again; the saved weights are the checkpoint's.
+    again = train.run(cfg, prepared, storage=storage, verbose=False)
+    assert again.run_name == first.run_name
+    assert again.history == first.history
+    assert again.train_seconds < first.train_seconds / 2
+    _, _, bundle2 = train.load_model(prepared, cfg)
+    for k, v in bundle["state_dict"].items():
+        assert torch.equal(v, bundle2["state_dict"][k]), k
+
+
+def test_interrupted_run_continues_from_its_checkpoint(prepared, adult_cfg, ray_session):
+    frame = prepare.load(prepared, "adult")
+    storage = prepared.runs(".runs")
+    one = ray_train.fit(with_train(adult_cfg, epochs=1), frame, storage, "resume-test", verbose=False)
+    # A longer run under the same name picks up after epoch 0 instead of starting over.
+    two = ray_train.fit(with_train(adult_cfg, epochs=2), frame, storage, "resume-test", verbose=False)
+    assert two.history[0] == one.history[0]
+    assert [h["epoch"] for h in two.history] == [0, 1]
+    assert not torch.equal(one.state["model"]["layers.0.weight"], two.state["model"]["layers.0.weight"])
