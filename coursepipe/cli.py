@@ -85,6 +85,13 @@ def cmd_pipeline(args) -> None:
         cmd_stage(args)
 
 
+def cmd_gx_init(args) -> None:
+    from coursepipe.validation.suites import init_suite
+    _, cfg = _cfg(args)
+    paths = Paths(args.root)
+    print(f"wrote {init_suite(cfg, paths).relative_to(paths.root)}")
+
+
 def cmd_predict(args) -> None:
     import pandas as pd
     from coursepipe.export.portable import predict_frame
@@ -118,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--dvc", action="store_true",
                     help="also `dvc add data` + `dvc push` (off: a job's root is usually no DVC repo)")
     pl.set_defaults(fn=cmd_pipeline)
+
+    g = sub.add_parser("gx-init", help="(re)write a recipe's Great Expectations suite from params")
+    g.add_argument("recipe")
+    g.set_defaults(fn=cmd_gx_init)
 
     pr = sub.add_parser("predict", help="label CSV rows with an exported model (export alone)")
     pr.add_argument("recipe")

@@ -21,6 +21,11 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- generic loader
 
+def _join(where: str, key: Any) -> str:
+    """The dotted key path of `key` inside `where` ('' is the top of the file)."""
+    return f"{where}.{key}" if where else str(key)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -31,7 +36,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
                 if value is None:
@@ -39,8 +43,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arm, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -84,9 +88,10 @@ def build(cls: type, raw: dict, where: str) -> Any:
     """Build dataclass `cls` from `raw`, rejecting unknown keys and missing required ones."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))  # str: YAML keys may be numbers
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        keys = ", ".join(_join(where, k) for k in unknown)
+        raise ConfigError(f"{keys}: unknown key; expected one of {sorted(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
@@ -95,7 +100,10 @@ def build(cls: type, raw: dict, where: str) -> Any:
             raise ConfigError(f"{where}: missing required key '{name}'")
     try:
         return cls(**kwargs)
-    except ConfigError as e:  # a __post_init__ rule: say where it was broken
+    except ConfigError as e:  # a __post_init__ rule: say where; a rule starting with a field name
+        head, _, rest = str(e).partition(" ")  # ("epochs must be >= 1") names that field's path
+        if head.rstrip(":") in fields and rest:
+            raise ConfigError(f"{_join(where, head.rstrip(':'))}: {rest}") from None
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -113,11 +121,23 @@ class Source:
     seed: int = 0                   # synthetic sample seed
 
     def __post_init__(self):
+        from coursepipe.recipes import RECIPES
+
         given = [k for k in ("url", "path", "generate") if getattr(self, k)]
         if len(given) != 1:
             raise ConfigError(f"a source needs exactly one of url / path / generate, got {given or 'none'}")
         if not self.generate and not (self.sha256 or self.md5):
             raise ConfigError(f"source {given[0]}={getattr(self, given[0])!r} needs a sha256 or md5 checksum")
+        for algo, digits in (("sha256", 64), ("md5", 32)):  # a typo here would fail every fetch
+            value = getattr(self, algo)
+            if value and not (len(value) == digits and all(c in "0123456789abcdefABCDEF" for c in value)):
+                raise ConfigError(f"{algo} must be {digits} hex digits, got {value!r}")
+        if self.url and self.url.split("://")[0].lower() not in ("https", "http", "file"):
+            raise ConfigError(f"url must be https://, http:// or file://, got {self.url!r}")
+        if self.generate and self.generate not in RECIPES:
+            raise ConfigError(f"generate names no recipe: {self.generate!r}; known: {sorted(RECIPES)}")
+        if self.rows is not None and self.rows < 1:
+            raise ConfigError(f"rows must be >= 1, got {self.rows}")
 
 
 @dataclass(frozen=True)
@@ -132,8 +152,24 @@ class Prepare:
 
 @dataclass(frozen=True)
 class Validate:
+    """Run-time reporting, and the thresholds `coursepipe gx-init` bakes into the committed suite."""
     result_format: Literal["SUMMARY", "COMPLETE"] = "SUMMARY"
     examples: int = 5               # bad values quoted per failed rule in the error message
+    min_rows: int = 1000            # fewer rows than this is a broken extract, not a dataset
+    max_null: float = 0.0           # tolerated fraction of missing values in a column not listed below
+    max_null_by_column: dict[str, float] = field(default_factory=dict)  # per-column overrides
+    unknown_category: float = 0.0   # tolerated fraction of non-missing values outside a column's vocabulary
+
+    def __post_init__(self):
+        if self.examples < 0:
+            raise ConfigError(f"examples must be >= 0, got {self.examples}")
+        if self.min_rows < 1:
+            raise ConfigError(f"min_rows must be >= 1, got {self.min_rows}")
+        fractions = {"max_null": self.max_null, "unknown_category": self.unknown_category,
+                     **{f"max_null_by_column.{k}": v for k, v in self.max_null_by_column.items()}}
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be a fraction in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +253,12 @@ def parse_recipe(name: str, raw: Any) -> RecipeConfig:
     where = f"recipes.{name}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
-    recipe = get_recipe(name)
+    try:
+        recipe = get_recipe(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if "name" in raw:  # filled in from the section's key below; a second spelling would be ignored
+        raise ConfigError(f"{where}.name: unknown key; a recipe's name is its key under `recipes:`")
     raw = dict(raw)
     model = _coerce(raw.pop("model", {}), recipe.ModelConfig, f"{where}.model")
     cfg = build(RecipeConfig, {**raw, "name": name, "model": {}}, where)
@@ -232,7 +273,7 @@ def parse(raw: Any) -> Params:
         raise ConfigError("params.yaml: expected a mapping with a 'recipes:' section")
     raw = dict(raw)
     recipes = {name: parse_recipe(name, r) for name, r in raw.pop("recipes").items()}
-    params = build(Params, {**raw, "recipes": {}}, "params")
+    params = build(Params, {**raw, "recipes": {}}, "")
     return dataclasses.replace(params, recipes=recipes)
 
 
@@ -243,8 +284,11 @@ def load(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: the CLI prints it as the whole error
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        detail = problem or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML{at}: {detail}") from None
     try:
         return parse(raw)
     except ConfigError as e:

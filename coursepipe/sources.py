@@ -7,6 +7,7 @@ data/ is kept as it was.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import shutil
 import urllib.error
 import urllib.request
@@ -39,17 +40,27 @@ def verify(path: Path, source: Source, label: str) -> None:
 
 
 def _download(url: str, dest: Path, label: str, timeout: float = 60.0) -> None:
+    got = 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"fetch {label}") as bar:
                 for chunk in iter(lambda: r.read(1 << 16), b""):
                     f.write(chunk)
+                    got += len(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as e:
+    except urllib.error.HTTPError as e:  # reached, but refused: the address is what is wrong
+        raise SourceError(f"{label}: {url} answered HTTP {e.code} {e.reason}; check the url in "
+                          f"params.yaml, or point the source at a local copy with `path:`.") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
+            ValueError) as e:
         reason = getattr(e, "reason", e)
         raise SourceError(f"{label}: cannot reach {url} ({reason}). If this machine is offline, "
                           f"point the source at a local copy with `path:`.") from None
+    # http.client ends a body that stops early without an error: say so, not "checksum mismatch"
+    if total is not None and got < total:
+        raise SourceError(f"{label}: download of {url} cut short: got {got} of {total} bytes; "
+                          f"run fetch again")
 
 
 def fetch(cfg: RecipeConfig, data_dir: Path, root: Path, force: bool = False) -> Path:
@@ -76,8 +87,11 @@ def fetch(cfg: RecipeConfig, data_dir: Path, root: Path, force: bool = False) ->
         else:
             src = Path(source.path)
             src = src if src.is_absolute() else root / src
+            if not src.exists():
+                raise SourceError(f"{label}: local archive {src} not found (a relative `path:` is "
+                                  f"relative to the project root)")
             if not src.is_file():
-                raise SourceError(f"{label}: local archive {src} not found")
+                raise SourceError(f"{label}: local archive {src} is not a file")
             shutil.copyfile(src, tmp)
         verify(tmp, source, label)
     return dest

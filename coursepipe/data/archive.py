@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from coursepipe.io import atomic_path
@@ -27,10 +28,19 @@ def _check_member(archive: Path, name: str) -> None:
 
 def _tar_members(archive: Path) -> list[tarfile.TarInfo]:
     try:
-        with tarfile.open(archive, "r:*") as tf:
-            members = tf.getmembers()  # reads to the end: a truncated archive fails here
-    except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise ArchiveError(f"{archive.name}: not a complete tar archive ({e})") from None
+        tf = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        raise ArchiveError(f"{archive.name}: not a .tgz, .tar or .zip archive (an error page saved "
+                           f"under this name, or cut short before the first member?)") from None
+    members: list[tarfile.TarInfo] = []
+    try:
+        with tf:
+            while (m := tf.next()) is not None:  # reads to the end: a truncated archive fails here
+                members.append(m)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        # the data that ran out belongs to the last header read: name it
+        after = f" (cut in or after member {members[-1].name!r})" if members else ""
+        raise ArchiveError(f"{archive.name}: not a complete tar archive{after}: {e}") from None
     for m in members:
         _check_member(archive, m.name)
         if m.issym() or m.islnk():
@@ -40,20 +50,36 @@ def _tar_members(archive: Path) -> list[tarfile.TarInfo]:
     return members
 
 
+def _check_zip_data(archive: Path, zf: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """Read one member to its end: zipfile checks the CRC there (testzip misses inflate errors)."""
+    try:
+        with zf.open(member) as f:
+            while f.read(1 << 20):
+                pass
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise ArchiveError(f"{archive.name}: member {member.filename!r} is corrupt ({e})") from None
+
+
 def _zip_members(archive: Path) -> list[zipfile.ZipInfo]:
     try:
         with zipfile.ZipFile(archive) as zf:
-            bad = zf.testzip()  # CRC-checks every member
             members = zf.infolist()
+            for m in members:  # names first: cheap, and refused before any data is inflated
+                _check_member(archive, m.filename)
+                if (m.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise ArchiveError(f"{archive.name}: member {m.filename!r} is a link; links are refused")
+            for m in members:
+                _check_zip_data(archive, zf, m)
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise ArchiveError(f"{archive.name}: not a complete zip archive ({e})") from None
-    if bad is not None:
-        raise ArchiveError(f"{archive.name}: member {bad!r} is corrupt (CRC mismatch)")
-    for m in members:
-        _check_member(archive, m.filename)
-        if (m.external_attr >> 16) & 0o170000 == 0o120000:
-            raise ArchiveError(f"{archive.name}: member {m.filename!r} is a link; links are refused")
     return members
+
+
+def _looks_like_zip(archive: Path) -> bool:
+    """By name or magic bytes, not by is_zipfile: a cut zip has lost the end record it looks for."""
+    with open(archive, "rb") as f:
+        magic = f.read(4)
+    return archive.suffix.lower() == ".zip" or magic in (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def extract(archive: str | Path, dest: str | Path) -> Path:
@@ -61,7 +87,7 @@ def extract(archive: str | Path, dest: str | Path) -> Path:
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise ArchiveError(f"{archive}: archive not found")
-    if zipfile.is_zipfile(archive):
+    if _looks_like_zip(archive):
         _zip_members(archive)
         with atomic_path(dest) as tmp, zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)

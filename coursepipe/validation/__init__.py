@@ -1,0 +1,1 @@
+"""Great Expectations suites generated from a recipe's schema, committed under gx/."""

@@ -1,0 +1,160 @@
+"""A recipe's expectation suite, generated from its schema and params, and the GX objects that run it.
+
+`coursepipe gx-init <recipe>` (`init_suite`) writes gx/expectations/<recipe>.json once; it is
+committed, and the validate stage loads that file, so a hand-edited suite is what runs. The
+thresholds in params.yaml (`recipes.<name>.validate`) therefore take effect at gx-init time.
+Great Expectations is imported inside functions: its import alone takes ~5 s.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from coursepipe.config import ConfigError, RecipeConfig, Validate
+from coursepipe.paths import Paths
+from coursepipe.recipes import get_recipe
+
+SPLIT = "is_valid"          # bool column the prepare stage adds: True for validation rows
+NUMERIC_TYPES = ("float64", "float32", "int64", "int32", "Float64", "Int64")
+DATASOURCE = "pandas"       # one in-memory pandas datasource; each recipe is an asset of it
+BATCH = "whole"             # the whole prepared table is one batch
+
+Spec = tuple[str, dict[str, Any]]   # (expectation type, kwargs)
+
+
+# ----------------------------------------------------------------------------- the rules (pure)
+
+def _mostly(tolerance: float) -> dict[str, float]:
+    """GX's `mostly` for a tolerated bad fraction; omitted when nothing is tolerated."""
+    return {"mostly": round(1.0 - tolerance, 6)} if tolerance > 0 else {}
+
+
+def null_tolerance(v: Validate, column: str) -> float:
+    return v.max_null_by_column.get(column, v.max_null)
+
+
+def expectation_specs(recipe: ModuleType, v: Validate) -> list[Spec]:
+    """Every rule for a prepared tabular table: columns, row count, then each column in file order."""
+    columns = list(recipe.COLUMNS) + [SPLIT]
+    unknown = sorted(set(v.max_null_by_column) - set(recipe.COLUMNS))
+    if unknown:
+        raise ConfigError(f"validate.max_null_by_column: {unknown} are not columns of {recipe.CSV_MEMBER}")
+    if recipe.TARGET in v.max_null_by_column:
+        raise ConfigError(f"validate.max_null_by_column: the target {recipe.TARGET!r} may not be missing")
+    specs: list[Spec] = [
+        ("expect_table_columns_to_match_set", {"column_set": columns, "exact_match": True}),
+        ("expect_table_row_count_to_be_between", {"min_value": v.min_rows}),
+    ]
+    for col in columns:
+        # the target and the split are never missing, whatever the default tolerance says
+        tol = 0.0 if col in (recipe.TARGET, SPLIT) else null_tolerance(v, col)
+        specs.append(("expect_column_values_to_not_be_null", {"column": col, **_mostly(tol)}))
+        if col in recipe.RANGES:
+            lo, hi = recipe.RANGES[col]
+            specs.append(("expect_column_values_to_be_in_type_list",
+                          {"column": col, "type_list": list(NUMERIC_TYPES)}))
+            specs.append(("expect_column_values_to_be_between",
+                          {"column": col, "min_value": lo, "max_value": hi}))
+        if col in recipe.CATEGORIES:
+            specs.append(("expect_column_values_to_be_in_set",
+                          {"column": col, "value_set": list(recipe.CATEGORIES[col]),
+                           **_mostly(v.unknown_category)}))
+        if col == recipe.TARGET:
+            specs.append(("expect_column_values_to_be_in_set",
+                          {"column": col, "value_set": list(recipe.CLASSES)}))
+            # a class that never occurs cannot be learned
+            specs.append(("expect_column_distinct_values_to_contain_set",
+                          {"column": col, "value_set": list(recipe.CLASSES)}))
+        if col == SPLIT:  # training needs rows on both sides of the split
+            specs.append(("expect_column_distinct_values_to_contain_set",
+                          {"column": col, "value_set": [False, True]}))
+    return specs
+
+
+def spec_key(expectation) -> str:
+    """What makes two expectations the same rule: type, kwargs and meta (not GX's random id)."""
+    conf = expectation.configuration
+    return json.dumps({"type": conf.type, "kwargs": conf.kwargs, "meta": conf.meta or {}},
+                      sort_keys=True, default=str)
+
+
+# ----------------------------------------------------------------------------- GX objects
+
+def build_suite(cfg: RecipeConfig):
+    """The recipe's suite as a GX ExpectationSuite (not saved)."""
+    import great_expectations as gx
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    specs = expectation_specs(get_recipe(cfg.name), cfg.validate)
+    expectations = [ExpectationConfiguration(type=t, kwargs=kw).to_domain_obj() for t, kw in specs]
+    meta = {"generated_by": f"coursepipe gx-init {cfg.name}",
+            "from": f"coursepipe/recipes/{cfg.name}.py schema + params.yaml recipes.{cfg.name}.validate"}
+    return gx.ExpectationSuite(name=cfg.name, expectations=expectations, meta=meta)
+
+
+def open_context(root: Path):
+    """The file context under <root>/gx, with progress bars off (they go to stderr, 8-24 lines a run)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="file", project_root_dir=str(root))
+    # in memory only: a run must not rewrite the committed great_expectations.yml
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return ctx
+
+
+def save_suite(ctx, suite):
+    """add_or_update, keeping the ids of unchanged rules so a rerun leaves the JSON as it was.
+
+    GX 1.24.1 means to do this itself, but its equality includes the id, so it never matches."""
+    from great_expectations.exceptions import DataContextError
+
+    try:
+        old = {spec_key(e): e.id for e in ctx.suites.get(suite.name).expectations}
+    except DataContextError:  # no suite yet
+        old = {}
+    for e in suite.expectations:
+        e.id = old.get(spec_key(e), e.id)
+    return ctx.suites.add_or_update(suite)
+
+
+def batch_definition(ctx, recipe: str):
+    """Get or create pandas datasource -> dataframe asset -> whole-table batch definition.
+
+    Get-or-create, not add_or_update: GX's add_or_update_pandas drops the assets and re-adds them
+    with fresh ids, rewriting the committed great_expectations.yml on every run."""
+    try:
+        source = ctx.data_sources.get(DATASOURCE)
+    except KeyError:
+        source = ctx.data_sources.add_pandas(DATASOURCE)
+    names = {a.name for a in source.assets}
+    asset = source.get_asset(recipe) if recipe in names else source.add_dataframe_asset(recipe)
+    if BATCH in {b.name for b in asset.batch_definitions}:
+        return asset.get_batch_definition(BATCH)
+    return asset.add_batch_definition_whole_dataframe(BATCH)
+
+
+def checkpoint(ctx, suite, result_format: str):
+    """Validation definition + checkpoint for the recipe (add_or_update: unchanged objects keep their files)."""
+    import great_expectations as gx
+
+    vd = ctx.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite.name, data=batch_definition(ctx, suite.name), suite=suite))
+    return ctx.checkpoints.add_or_update(gx.Checkpoint(
+        name=suite.name, validation_definitions=[vd],
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+        result_format={"result_format": result_format}))
+
+
+def init_suite(cfg: RecipeConfig, paths: Paths) -> Path:
+    """Write <root>/gx (config, suite, checkpoint) for a recipe; rerunning with the same params changes nothing."""
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = open_context(paths.root)
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    ctx.variables.save()  # persisted, so every later context (and the committed yml) is quiet
+    suite = save_suite(ctx, build_suite(cfg))
+    checkpoint(ctx, suite, cfg.validate.result_format)
+    return paths.suite(cfg.name)
