@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 
 NA = "#na#"  # level 0 of every categorical column: missing or unseen at training time
+MODEL_FILE = "model.onnx"
+STATE_FILE = "preprocessing.json"
+METADATA_KEY = "preprocessing"  # model.onnx metadata_props entry holding the same JSON
 
 
 def _as_str(col: pd.Series) -> pd.Series:
@@ -48,12 +51,26 @@ def preprocess(state: dict, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(export_dir: str | Path):
-    """(onnxruntime session, preprocessing state) from an export folder."""
+    """(onnxruntime session, preprocessing state) from an export folder.
+
+    The state comes from preprocessing.json, or from model.onnx's metadata when only the model
+    file was copied (the exporter embeds the same JSON under METADATA_KEY).
+    """
     import onnxruntime as ort
 
     export_dir = Path(export_dir)
-    state = json.loads((export_dir / "preprocessing.json").read_text())
-    sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    model = export_dir / MODEL_FILE
+    if not model.is_file():
+        raise FileNotFoundError(f"{model} is missing: run the export stage first")
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    state_file = export_dir / STATE_FILE
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+    else:
+        embedded = sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if embedded is None:
+            raise FileNotFoundError(f"{state_file} is missing and {model} embeds no {METADATA_KEY!r}")
+        state = json.loads(embedded)
     return sess, state
 
 
@@ -86,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: predict.py ROWS.csv [OUT.csv]   (run from anywhere; reads this folder)", file=sys.stderr)
         return 2
     rows = pd.read_csv(argv[0], skipinitialspace=True, na_values=["?"])
-    out = predict_frame(Path(__file__).resolve().parent, rows)
+    try:
+        out = predict_frame(Path(__file__).resolve().parent, rows)
+    except (KeyError, FileNotFoundError) as e:  # a missing column or file: one clear line
+        print(f"predict.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
     if len(argv) == 2:
         out.to_csv(argv[1], index=False)
     else:

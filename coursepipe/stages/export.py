@@ -1,0 +1,221 @@
+"""export: trained model -> export/<recipe>/ with model.onnx, preprocessing.json, predict.py, card.json.
+
+The folder is built beside the old one and renamed over it only after onnxruntime has matched
+PyTorch on validation rows, so a failed export leaves the previous one untouched. predict.py is
+a copy of coursepipe/export/portable.py: the folder alone (numpy, pandas, onnxruntime) predicts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import io
+import json
+import logging
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from coursepipe.config import RecipeConfig
+from coursepipe.export import portable
+from coursepipe.io import atomic_path
+from coursepipe.paths import Paths
+from coursepipe.recipes import get_recipe
+from coursepipe.stages import evaluate, prepare, train
+
+CARD_FILE = "card.json"
+SCRIPT_FILE = "predict.py"
+EXAMPLE_ROWS = 8  # rows traced by the exporter; >= 2 so torch.export keeps the batch dynamic
+log = logging.getLogger(__name__)
+
+
+class ParityError(ValueError):
+    """onnxruntime and PyTorch disagree beyond parity_atol; the previous export was kept."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str             # "dynamo" (torch.export + onnxscript) or "torchscript" (fallback)
+    opset: int
+    parity_max_diff: float    # max |p_onnx - p_torch| over the checked rows and classes
+    parity_rows: int
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+def input_names(model: torch.nn.Module) -> list[str]:
+    """The graph's input names: the model's forward arguments (x_cat, x_cont for tabular)."""
+    return [p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def example_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """EXAMPLE_ROWS rows (repeated if fewer): a batch of 0 or 1 would be specialised as constant."""
+    idx = torch.arange(EXAMPLE_ROWS) % len(inputs[0])
+    return tuple(x[idx] for x in inputs)
+
+
+def onnx_dynamo(model, args, names: list[str], opset: int) -> bytes:
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "axis name batch will not be used": names are shared
+        program = torch.onnx.export(model, args, None, dynamo=True, input_names=names,
+                                    output_names=["logits"], opset_version=opset,
+                                    dynamic_shapes={n: {0: batch} for n in names}, verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def onnx_torchscript(model, args, names: list[str], opset: int) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+        torch.onnx.export(model, args, buf, dynamo=False, input_names=names, output_names=["logits"],
+                          opset_version=opset,
+                          dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]})
+    return buf.getvalue()
+
+
+def to_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:
+    """(serialised ONNX model, exporter used): the dynamo exporter, else the TorchScript one."""
+    names = input_names(model)
+    try:
+        return onnx_dynamo(model, args, names, opset), "dynamo"
+    except Exception as e:  # any exporter failure: the legacy path still gives a valid graph
+        log.warning("dynamo ONNX export failed (%s: %s); falling back to dynamo=False",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return onnx_torchscript(model, args, names, opset), "torchscript"
+
+
+def with_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
+    """The ONNX model with `props` added to metadata_props, so model.onnx alone carries them."""
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    existing = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**existing, **props})
+    return proto.SerializeToString()
+
+
+# ----------------------------------------------------------------------------- parity
+
+def parity(model: torch.nn.Module, recipe, processor: dict, export_dir: Path, rows, bs: int) -> float:
+    """Max |probability difference| between the exported folder (as predict.py runs it) and torch."""
+    *inputs, _ = recipe.tensors(processor, rows)
+    torch_proba = torch.softmax(evaluate.predict_logits(model, tuple(inputs), bs), 1).numpy()
+    sess, state = portable.load(export_dir)
+    onnx_proba = portable.predict_proba(sess, state, rows)
+    if onnx_proba.shape != torch_proba.shape:
+        raise ParityError(f"ONNX output shape {onnx_proba.shape} != PyTorch {torch_proba.shape}")
+    return float(abs(onnx_proba - torch_proba).max())
+
+
+# ----------------------------------------------------------------------------- model card
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_outs(dvc_file: Path) -> dict[str, str]:
+    """{tracked path: md5} from a .dvc file ({} if there is none)."""
+    import yaml
+
+    if not dvc_file.is_file():
+        return {}
+    raw = yaml.safe_load(dvc_file.read_text()) or {}
+    return {o["path"]: o.get("md5") for o in raw.get("outs", []) if "path" in o}
+
+
+def data_version(paths: Paths, cfg: RecipeConfig) -> dict:
+    """What the model was trained on: the prepared table's sha256 and the raw archive's identity."""
+    table = paths.prepared(cfg.name) / prepare.TABLE
+    archive = paths.data / cfg.source_file
+    out = {"prepared_table": str(table.relative_to(paths.root)),
+           "prepared_table_sha256": train.file_digest(table),
+           "archive": cfg.source_file,
+           # DVC 3 hashes a file as the plain md5 of its bytes: this is the md5 data.dvc's
+           # directory manifest holds for it
+           "archive_md5": md5_file(archive) if archive.is_file() else None}
+    outs = dvc_outs(paths.root / "data.dvc")
+    if outs:
+        out["data_dvc_md5"] = outs.get(paths.data.name)  # pins all of data/ for `dvc checkout`
+    return out
+
+
+def versions(exporter: str) -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if exporter == "dynamo":
+        import onnxscript
+        out["onnxscript"] = onnxscript.__version__
+    return out
+
+
+def model_card(cfg: RecipeConfig, paths: Paths, recipe, processor: dict, bundle: dict,
+               names: list[str], exported: dict) -> dict:
+    metrics_file = paths.metrics(cfg.name)
+    return {
+        "recipe": cfg.name,
+        "kind": getattr(recipe, "KIND", None),
+        "classes": list(recipe.CLASSES),
+        "target": processor.get("target"),
+        "input_columns": {"categorical": list(processor.get("cat_names", [])),
+                          "continuous": list(processor.get("cont_names", []))},
+        "onnx_inputs": names,
+        "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+        "data": data_version(paths, cfg),
+        "params": dataclasses.asdict(cfg),
+        "run_name": bundle.get("run_name"),
+        "export": exported,
+        "versions": versions(exported["exporter"]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(cfg: RecipeConfig, paths: Paths) -> ExportResult:
+    if cfg.export.parity_rows < 1:
+        raise ValueError(f"recipes.{cfg.name}.export.parity_rows must be >= 1, "
+                         f"got {cfg.export.parity_rows}")
+    recipe = get_recipe(cfg.name)
+    model, processor, bundle = train.load_model(paths, cfg)
+    rows = evaluate.valid_rows(paths, cfg.name).head(cfg.export.parity_rows)
+    *inputs, _ = recipe.tensors(processor, rows)
+    bs = cfg.train.bs * 4  # as in evaluate: inference only
+    state_json = json.dumps(processor, indent=2, sort_keys=True) + "\n"
+
+    model_bytes, exporter = to_onnx(model, example_inputs(tuple(inputs)), cfg.export.opset)
+    model_bytes = with_metadata(model_bytes, {portable.METADATA_KEY: state_json, "recipe": cfg.name})
+
+    with atomic_path(paths.export(cfg.name)) as out:
+        out.mkdir()
+        (out / portable.MODEL_FILE).write_bytes(model_bytes)
+        (out / portable.STATE_FILE).write_text(state_json)
+        shutil.copyfile(inspect.getfile(portable), out / SCRIPT_FILE)
+        max_diff = parity(model, recipe, processor, out, rows, bs)
+        if not max_diff <= cfg.export.parity_atol:  # `not <=` also catches NaN
+            raise ParityError(
+                f"export@{cfg.name}: ONNX ({exporter}) and PyTorch probabilities differ by "
+                f"{max_diff:.3g} on {len(rows)} validation rows, more than "
+                f"recipes.{cfg.name}.export.parity_atol={cfg.export.parity_atol:g}; "
+                f"{paths.export(cfg.name)} was left as it was")
+        exported = {"exporter": exporter, "opset": cfg.export.opset, "file": portable.MODEL_FILE,
+                    "parity_max_abs_diff": max_diff, "parity_rows": len(rows),
+                    "parity_atol": cfg.export.parity_atol}
+        card = model_card(cfg, paths, recipe, processor, bundle, input_names(model), exported)
+        (out / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return ExportResult(path=paths.export(cfg.name), exporter=exporter, opset=cfg.export.opset,
+                        parity_max_diff=max_diff, parity_rows=len(rows))
