@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,57 @@ def ray_session():
     """One local Ray instance for every test that trains (start-up costs ~5-10 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    # address="local": never join a cluster some other test (or person) started with `ray start`
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+             logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real, temporary Prefect API (SQLite) shared by the flow tests (~15 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def venv_env(**extra) -> dict:
+    """The environment a stage subprocess gets: this venv's bin/ first on PATH."""
+    env = dict(os.environ, **extra)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True, **extra) -> subprocess.CompletedProcess:
+    """Run a command, capture its output, and show it when it fails."""
+    proc = subprocess.run(cmd, cwd=cwd, env=venv_env(**extra), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "dvc", *args], cwd=repo, check=check)
+
+
+def make_repo(root: Path, rows: int = 3000) -> Path:
+    """A throw-away git + DVC repo holding this project's code and pipeline, with small params."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "uncommitted")
+    root.mkdir(parents=True)
+    for name in ("coursepipe", "flows", "tasks", "gx"):
+        shutil.copytree(REPO / name, root / name, ignore=ignore)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    (root / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    shutil.copy(REPO / ".dvc" / ".gitignore", root / ".dvc" / ".gitignore")
+    write_params(root, small_params(rows=rows))
+    git = dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "project"]):
+        sh(cmd, cwd=root, **git)
+    return root
