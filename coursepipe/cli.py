@@ -32,8 +32,15 @@ def dvc_track_data(root: Path) -> None:
 
 
 def cmd_fetch(args) -> None:
+    import dataclasses
+    from coursepipe.config import ConfigError
     from coursepipe.sources import fetch
     params, cfg = _cfg(args)
+    if getattr(args, "source", None):  # fetch a source other than the active one (for `dvc exp run -S`)
+        if args.source not in cfg.sources:
+            raise ConfigError(f"recipes.{cfg.name}.sources has no {args.source!r}; "
+                              f"choose from {sorted(cfg.sources)}")
+        cfg = dataclasses.replace(cfg, source=args.source)
     paths = Paths(args.root)
     path = fetch(cfg, paths.data, paths.root, force=args.force)
     print(f"fetched {cfg.source!r} -> {path.relative_to(paths.root)}")
@@ -108,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fetch", help="fetch a recipe's source archive into data/ and version it")
     f.add_argument("recipe")
+    f.add_argument("--source", help="fetch this source instead of the active one")
     f.add_argument("--force", action="store_true", help="fetch again even if the file verifies")
     f.add_argument("--no-dvc", action="store_true", help="skip `dvc add data` / `dvc push`")
     f.set_defaults(fn=cmd_fetch)
