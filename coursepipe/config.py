@@ -185,6 +185,7 @@ class Train:
     seed: int = 42
     num_workers: int = 2            # Ray Train workers (data-parallel ranks)
     cpus_per_worker: int = 1
+    threads: int = 0                # torch intra-op threads per worker; 0 = cpus_per_worker
     use_gpu: bool = False
     mixed_precision: bool = True    # bf16/fp16 autocast, only where the device is a GPU
     max_failures: int = 2           # worker-group restarts Ray Train may make (FailureConfig)
@@ -197,6 +198,10 @@ class Train:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.pct_start < 1.0:
             raise ConfigError(f"pct_start must be in [0, 1), got {self.pct_start}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures must be >= 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from coursepipe.learn.loop import Callback
 from coursepipe.learn.schedule import Sched
 
@@ -19,9 +21,9 @@ class ParamScheduler(Callback):
         self.scheds = scheds
 
     def _apply(self, pos: float) -> None:
+        values = {name: sched(pos) for name, sched in self.scheds.items()}  # once, not per group
         for g in self.learn.opt.param_groups:
-            for name, sched in self.scheds.items():
-                v = sched(pos)
+            for name, v in values.items():
                 if name == "lr":
                     g["lr"] = v * g.get("lr_scale", 1.0)
                 elif name == "beta1":
@@ -38,17 +40,33 @@ class ParamScheduler(Callback):
 
 
 class Recorder(Callback):
-    """Per-epoch history (one dict per epoch) and per-step lr/loss for plots."""
+    """Per-epoch history (one dict per epoch) and per-step lr/loss for plots.
+
+    `losses` grows at the end of each training phase: reading a loss per batch (`.item()`)
+    would make the CPU wait for a GPU on every step.
+    """
     order = 50
 
     def __init__(self, history: list[dict] | None = None):
         self.history = list(history or [])
         self.lrs, self.losses = [], []
+        self._pending: list = []  # this phase's detached per-batch losses
 
     def after_batch(self):
         if self.learn.training:
             self.lrs.append(self.learn.opt.param_groups[-1]["lr"])
-            self.losses.append(self.learn.loss.item())
+            self._pending.append(self.learn.loss.detach())
+
+    def _flush(self):
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).float().tolist())
+            self._pending = []
+
+    def after_train(self):
+        self._flush()
+
+    def after_fit(self):  # a cancelled epoch skips after_train
+        self._flush()
 
     def after_epoch(self):
         self.history.append(dict(self.learn.log))
