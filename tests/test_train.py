@@ -68,6 +68,55 @@ def test_interrupted_run_continues_from_its_checkpoint(prepared, adult_cfg, ray_
     one = ray_train.fit(with_train(adult_cfg, epochs=1), frame, storage, "resume-test", verbose=False)
     # A longer run under the same name picks up after epoch 0 instead of starting over.
     two = ray_train.fit(with_train(adult_cfg, epochs=2), frame, storage, "resume-test", verbose=False)
+    assert two.start_epoch == 1
     assert two.history[0] == one.history[0]
     assert [h["epoch"] for h in two.history] == [0, 1]
     assert not torch.equal(one.state["model"]["layers.0.weight"], two.state["model"]["layers.0.weight"])
+
+
+def _train_workers():
+    """Live Ray Train worker processes (their title is set by Ray: ray::RayTrainWorker...)."""
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def test_a_killed_worker_is_survived(project, ray_session):
+    """SIGKILL a worker mid-run: FailureConfig restarts the group, which resumes from the last
+    checkpoint; the run finishes with every epoch exactly once."""
+    import threading
+    import time
+
+    from coursepipe import config
+    from coursepipe.sources import fetch
+    from conftest import small_params, write_params
+
+    write_params(project.root, small_params(rows=30000))
+    cfg = config.load(project.params).recipe("adult")
+    cfg = with_train(cfg, num_workers=2, epochs=4, max_failures=1)
+    fetch(cfg, project.data, project.root)
+    prepare.run(cfg, project)
+    frame = prepare.load(project, "adult")
+    storage = project.runs(".runs")
+    out = {}
+    fitter = threading.Thread(target=lambda: out.update(
+        result=ray_train.fit(cfg, frame, storage, "kill-test", verbose=False)))
+    fitter.start()
+    snapshot = project.root / ".runs" / "kill-test" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not snapshot.is_file():
+        time.sleep(0.2)  # wait until Ray has registered epoch 0's checkpoint
+    victims = _train_workers()
+    assert victims, "no Ray Train worker process found"
+    victims[-1].kill()
+    fitter.join(timeout=240)
+    assert not fitter.is_alive()
+    result = out["result"]
+    assert result.start_epoch >= 1          # the restarted group resumed, it did not start over
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]

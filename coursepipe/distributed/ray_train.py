@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     learn.fit(t.epochs, start_epoch=start_epoch)
     if rank == 0:
         return {"history": recorder.history, "train_seconds": timer.seconds,
-                "worker": worker_stats(started)}
+                "start_epoch": start_epoch, "worker": worker_stats(started)}
     return None
 
 
@@ -211,6 +211,7 @@ class FitResult:
     run_name: str
     storage: str
     worker: dict = dataclasses.field(default_factory=dict)  # rank 0's worker_stats()
+    start_epoch: int = 0     # > 0 when the (last) worker group resumed from a checkpoint
 
 
 # Ray settings a local cluster inherits from this process; a value already in the environment wins.
@@ -275,4 +276,4 @@ def fit(cfg: RecipeConfig, frame: pd.DataFrame, storage: str, run_name: str,
     return FitResult(state=state, history=list(state["history"]),
                      train_seconds=float(ret.get("train_seconds", 0.0)),
                      wall_seconds=time.perf_counter() - t0, run_name=run_name, storage=storage,
-                     worker=dict(ret.get("worker", {})))
+                     worker=dict(ret.get("worker", {})), start_epoch=int(ret.get("start_epoch", 0)))

@@ -58,7 +58,8 @@ def run(cfg: RecipeConfig, paths: Paths, storage: str, verbose: bool = True) -> 
     save_bundle(paths, cfg, fit.state["model"], fit.state["processor"], fit.history, summary={
         "run_name": name, "storage": storage, "epochs": len(fit.history),
         "train_seconds": round(fit.train_seconds, 3),
-        "startup_seconds": round(fit.wall_seconds - fit.train_seconds, 3)})
+        "startup_seconds": round(fit.wall_seconds - fit.train_seconds, 3),
+        "worker_max_rss_mb": round(fit.worker.get("max_rss_mb", 0.0), 1)})
     return TrainResult(run_name=name, epochs_run=len(fit.history), history=fit.history,
                        train_seconds=fit.train_seconds,
                        startup_seconds=fit.wall_seconds - fit.train_seconds)
