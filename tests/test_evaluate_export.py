@@ -122,7 +122,7 @@ def test_evaluate_writes_metrics_png_and_csv(done):
     metrics = json.loads(paths.metrics("adult").read_text())
     assert all(not isinstance(v, (dict, list)) for v in metrics.values())  # flat for dvc metrics
     majority = valid["salary"].value_counts(normalize=True).max()
-    assert metrics["n_valid"] == len(valid) == ev.n_valid
+    assert metrics["n_valid"] == len(valid) == ev.metrics["n_valid"]
     assert metrics["accuracy"] > majority + 0.03, (metrics["accuracy"], majority)
     assert metrics["accuracy"] + metrics["error_rate"] == pytest.approx(1.0)
     assert 0 < metrics["valid_loss"] < np.log(2)  # better than a coin's cross-entropy

@@ -63,6 +63,12 @@ class TensorBatches:
             yield tuple(t[idx] for t in self.tensors)
 
 
+def tensor_batches(recipe, processor: dict, df: pd.DataFrame, bs: int, rank: int, world: int,
+                   seed: int, train: bool, cfg=None) -> TensorBatches:
+    """The default batch source: the recipe's in-memory tensors, sharded by rank."""
+    return TensorBatches(recipe.tensors(processor, df), bs, rank, world, seed, train=train)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def rng_state() -> dict:
@@ -182,15 +188,17 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     recorder, timer = Recorder(history), Timer()
     use_amp = t.mixed_precision and device.type == "cuda"
+    batches = getattr(recipe, "batches", tensor_batches)  # a recipe may shard its own way (LM streams)
     learn = Learner(
         model,
-        TensorBatches(recipe.tensors(processor, train_df), t.bs, rank, world, t.seed, train=True),
-        TensorBatches(recipe.tensors(processor, valid_df), t.bs * 4, rank, world, t.seed, train=False),
+        batches(recipe, processor, train_df, t.bs, rank, world, t.seed, train=True, cfg=cfg),
+        batches(recipe, processor, valid_df, t.bs * 4, rank, world, t.seed, train=False, cfg=cfg),
         recipe.loss_func(), opt, recipe.metrics(),
         cbs=[ParamScheduler({"lr": one_cycle_lr(t.lr, t.pct_start, t.div, t.div_final),
                              "beta1": one_cycle_mom(t.moms, t.pct_start)}),
              recorder, timer, EpochTable(show=rank == 0 and config.get("verbose", True)),
-             RayReport(rank, processor, recorder)],
+             RayReport(rank, processor, recorder),
+             *(recipe.callbacks(cfg) if hasattr(recipe, "callbacks") else ())],
         device=device, reduce=reduce,
         autocast_dtype=torch.bfloat16 if use_amp else None)
     learn.fit(t.epochs, start_epoch=start_epoch)

@@ -87,6 +87,16 @@ def predict_proba(sess, state: dict, df: pd.DataFrame) -> np.ndarray:
     return softmax(logits)
 
 
+def outputs(sess, state: dict, df: pd.DataFrame) -> np.ndarray:
+    """What parity compares: class probabilities from raw rows."""
+    return predict_proba(sess, state, df)
+
+
+def finish(raw: np.ndarray, state: dict) -> np.ndarray:
+    """The same numbers from the model's raw output (logits)."""
+    return softmax(raw)
+
+
 def predict_frame(export_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
     """`df` with the predicted label and its probability appended."""
     sess, state = load(export_dir)

@@ -1,7 +1,8 @@
-"""evaluate: trained model + validation rows -> metrics/<recipe>.json and confusion-matrix plots.
+"""evaluate: trained model + validation rows -> metrics/<recipe>.json and plots.
 
-Recipe-specific parts come from the recipe module only (`tensors`, `CLASSES`, `loss_func`), so
-any classification recipe reuses this stage.
+A recipe module may define `evaluate(model, processor, valid_df, bs, plots_dir, cfg) -> metrics`
+(regression, language models, ...); otherwise the classification evaluation below runs, built
+only from the recipe's `tensors`, `CLASSES` and `loss_func`.
 """
 from __future__ import annotations
 
@@ -24,12 +25,9 @@ CONFUSION_CSV = "confusion_matrix.csv"
 
 @dataclass
 class EvaluateResult:
-    accuracy: float
-    error_rate: float
-    valid_loss: float
-    n_valid: int
+    metrics: dict
     metrics_path: Path
-    plot_path: Path
+    plot_path: Path | None   # the main picture (confusion matrix for classifiers)
 
 
 def valid_rows(paths: Paths, recipe: str) -> pd.DataFrame:
@@ -66,21 +64,26 @@ def evaluate(model: torch.nn.Module, recipe, processor: dict, df: pd.DataFrame, 
     return metrics, y.numpy(), predicted
 
 
+def classification(model, recipe, processor: dict, valid: pd.DataFrame, bs: int, plots: Path,
+                   cfg: RecipeConfig) -> tuple[dict, Path]:
+    """Accuracy, error rate, loss and per-class counts; confusion matrix PNG + CSV."""
+    metrics, actual, predicted = evaluate(model, recipe, processor, valid, bs)
+    cm = interpret.confusion_matrix(actual, predicted, len(recipe.CLASSES))
+    write_bytes(plots / CONFUSION_PNG, interpret.plot_confusion(
+        cm, recipe.CLASSES, title=f"{cfg.name}: confusion matrix (n={len(actual)})"))
+    write_text(plots / CONFUSION_CSV, interpret.confusion_csv(actual, predicted, recipe.CLASSES))
+    return metrics, plots / CONFUSION_PNG
+
+
 def run(cfg: RecipeConfig, paths: Paths) -> EvaluateResult:
     recipe = get_recipe(cfg.name)
     model, processor, _ = train.load_model(paths, cfg)
     # the training loop's validation batch size: evaluation has no gradients to hold
     bs = cfg.train.bs * 4
-    metrics, actual, predicted = evaluate(model, recipe, processor, valid_rows(paths, cfg.name), bs)
+    evaluate_fn = getattr(recipe, "evaluate", classification)
+    metrics, plot = evaluate_fn(model, recipe, processor, valid_rows(paths, cfg.name), bs,
+                                paths.plots(cfg.name), cfg)
     metrics = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
-
-    cm = interpret.confusion_matrix(actual, predicted, len(recipe.CLASSES))
-    plots = paths.plots(cfg.name)
-    write_bytes(plots / CONFUSION_PNG, interpret.plot_confusion(
-        cm, recipe.CLASSES, title=f"{cfg.name}: confusion matrix (n={len(actual)})"))
-    write_text(plots / CONFUSION_CSV, interpret.confusion_csv(actual, predicted, recipe.CLASSES))
     # metrics last: dvc sees a complete set of plots whenever the metrics file is new
     write_json(paths.metrics(cfg.name), metrics)
-    return EvaluateResult(accuracy=float(metrics["accuracy"]), error_rate=float(metrics["error_rate"]),
-                          valid_loss=float(metrics["valid_loss"]), n_valid=int(metrics["n_valid"]),
-                          metrics_path=paths.metrics(cfg.name), plot_path=plots / CONFUSION_PNG)
+    return EvaluateResult(metrics=metrics, metrics_path=paths.metrics(cfg.name), plot_path=plot)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import io
 import json
@@ -104,15 +105,25 @@ def with_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
 
 # ----------------------------------------------------------------------------- parity
 
+def portable_module(recipe):
+    """The recipe's standalone predict module (numpy/pandas/onnxruntime only), copied as predict.py.
+
+    It defines load(dir) -> (session, state), outputs(sess, state, rows) -> the user-facing numbers
+    (e.g. probabilities) computed from raw rows, and finish(raw_model_output, state) -> the same
+    numbers from the PyTorch model's output, so parity covers preprocessing and graph together."""
+    return importlib.import_module(getattr(recipe, "PORTABLE", "coursepipe.export.portable"))
+
+
 def parity(model: torch.nn.Module, recipe, processor: dict, export_dir: Path, rows, bs: int) -> float:
-    """Max |probability difference| between the exported folder (as predict.py runs it) and torch."""
+    """Max |output difference| between the exported folder (as predict.py runs it) and torch."""
+    port = portable_module(recipe)
     *inputs, _ = recipe.tensors(processor, rows)
-    torch_proba = torch.softmax(evaluate.predict_logits(model, tuple(inputs), bs), 1).numpy()
-    sess, state = portable.load(export_dir)
-    onnx_proba = portable.predict_proba(sess, state, rows)
-    if onnx_proba.shape != torch_proba.shape:
-        raise ParityError(f"ONNX output shape {onnx_proba.shape} != PyTorch {torch_proba.shape}")
-    return float(abs(onnx_proba - torch_proba).max())
+    torch_out = port.finish(evaluate.predict_logits(model, tuple(inputs), bs).numpy(), processor)
+    sess, state = port.load(export_dir)
+    onnx_out = port.outputs(sess, state, rows)
+    if onnx_out.shape != torch_out.shape:
+        raise ParityError(f"ONNX output shape {onnx_out.shape} != PyTorch {torch_out.shape}")
+    return float(abs(onnx_out - torch_out).max())
 
 
 # ----------------------------------------------------------------------------- model card
@@ -169,7 +180,7 @@ def model_card(cfg: RecipeConfig, paths: Paths, recipe, processor: dict, bundle:
     return {
         "recipe": cfg.name,
         "kind": getattr(recipe, "KIND", None),
-        "classes": list(recipe.CLASSES),
+        "classes": list(getattr(recipe, "CLASSES", ())) or None,
         "target": processor.get("target"),
         "input_columns": {"categorical": list(processor.get("cat_names", [])),
                           "continuous": list(processor.get("cont_names", []))},
@@ -204,11 +215,11 @@ def run(cfg: RecipeConfig, paths: Paths) -> ExportResult:
         out.mkdir()
         (out / portable.MODEL_FILE).write_bytes(model_bytes)
         (out / portable.STATE_FILE).write_text(state_json)
-        shutil.copyfile(inspect.getfile(portable), out / SCRIPT_FILE)
+        shutil.copyfile(inspect.getfile(portable_module(recipe)), out / SCRIPT_FILE)
         max_diff = parity(model, recipe, processor, out, rows, bs)
         if not max_diff <= cfg.export.parity_atol:  # `not <=` also catches NaN
             raise ParityError(
-                f"export@{cfg.name}: ONNX ({exporter}) and PyTorch probabilities differ by "
+                f"export@{cfg.name}: ONNX ({exporter}) and PyTorch outputs differ by "
                 f"{max_diff:.3g} on {len(rows)} validation rows, more than "
                 f"recipes.{cfg.name}.export.parity_atol={cfg.export.parity_atol:g}; "
                 f"{paths.export(cfg.name)} was left as it was")

@@ -40,7 +40,8 @@ def expectation_specs(recipe: ModuleType, v: Validate) -> list[Spec]:
     columns = list(recipe.COLUMNS) + [SPLIT]
     unknown = sorted(set(v.max_null_by_column) - set(recipe.COLUMNS))
     if unknown:
-        raise ConfigError(f"validate.max_null_by_column: {unknown} are not columns of {recipe.CSV_MEMBER}")
+        raise ConfigError(f"validate.max_null_by_column: {unknown} are not columns of "
+                          f"{getattr(recipe, 'CSV_MEMBER', recipe.__name__)}")
     if recipe.TARGET in v.max_null_by_column:
         raise ConfigError(f"validate.max_null_by_column: the target {recipe.TARGET!r} may not be missing")
     specs: list[Spec] = [
@@ -61,7 +62,7 @@ def expectation_specs(recipe: ModuleType, v: Validate) -> list[Spec]:
             specs.append(("expect_column_values_to_be_in_set",
                           {"column": col, "value_set": list(recipe.CATEGORIES[col]),
                            **_mostly(v.unknown_category)}))
-        if col == recipe.TARGET:
+        if col == recipe.TARGET and getattr(recipe, "CLASSES", None):  # classifiers only
             specs.append(("expect_column_values_to_be_in_set",
                           {"column": col, "value_set": list(recipe.CLASSES)}))
             # a class that never occurs cannot be learned
@@ -70,6 +71,8 @@ def expectation_specs(recipe: ModuleType, v: Validate) -> list[Spec]:
         if col == SPLIT:  # training needs rows on both sides of the split
             specs.append(("expect_column_distinct_values_to_contain_set",
                           {"column": col, "value_set": [False, True]}))
+    # kind-specific rules (unique pairs, integer ids, ...) from the recipe's own hook
+    specs += list(getattr(recipe, "extra_expectations", lambda _v: [])(v))
     return specs
 
 
