@@ -231,8 +231,12 @@ class RecipeConfig:
 
     @property
     def source_file(self) -> str:
-        """The archive's name under data/: one file per (recipe, source)."""
-        return f"{self.name}-{self.source}.tgz"
+        """The archive under data/: data/<recipe>/<source>.<tgz|zip>, one file per source.
+
+        A folder per recipe lets dvc.yaml depend on `data/<recipe>` whatever the archive type."""
+        src = self.active_source
+        origin = (src.url or src.path or "").lower()
+        return f"{self.name}/{self.source}{'.zip' if origin.endswith('.zip') else '.tgz'}"
 
     @property
     def active_source(self) -> Source:

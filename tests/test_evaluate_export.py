@@ -184,7 +184,7 @@ def test_export_folder_card_and_parity(done):
     table = paths.prepared("adult") / prepare.TABLE
     assert card["data"]["prepared_table_sha256"] == hashlib.sha256(table.read_bytes()).hexdigest()
     archive = paths.data / cfg.source_file
-    assert card["data"]["archive"] == archive.name
+    assert card["data"]["archive"] == cfg.source_file == str(archive.relative_to(paths.data))
     assert card["data"]["archive_md5"] == hashlib.md5(archive.read_bytes()).hexdigest()
     assert card["params"]["train"]["lr"] == cfg.train.lr
     assert card["params"]["model"]["cat_names"] == list(cfg.model.cat_names)

@@ -96,9 +96,10 @@ def fetch_into(root, cfg, **kw):
 
 
 def data_listing(root) -> list[str]:
-    """Everything in data/, temp files and folders included."""
+    """Every file under data/, temp files included (an empty recipe folder holds no data)."""
     data = root / "data"
-    return sorted(os.listdir(data)) if data.exists() else []
+    return sorted(str(p.relative_to(data)) for p in data.rglob("*") if not p.is_dir()) \
+        if data.exists() else []
 
 
 # ----------------------------------------------------------------------------- http(s) urls
@@ -106,8 +107,8 @@ def data_listing(root) -> list[str]:
 def test_download_with_sha256(tmp_path, server):
     cfg = cfg_for(tmp_path, url=f"{server.url}/adult.tgz", sha256=sha256(GOOD))
     path = fetch_into(tmp_path, cfg)
-    assert path == tmp_path / "data" / "adult-web.tgz" and path.read_bytes() == GOOD
-    assert data_listing(tmp_path) == ["adult-web.tgz"]
+    assert path == tmp_path / "data" / "adult" / "web.tgz" and path.read_bytes() == GOOD
+    assert data_listing(tmp_path) == ["adult/web.tgz"]
 
     fetch_into(tmp_path, cfg)  # verified copy already there: no second download
     assert server.requests == ["/adult.tgz"]
@@ -138,7 +139,7 @@ def test_wrong_checksum_keeps_good_copy(tmp_path, server):
     msg = str(err.value)
     assert LABEL in msg and sha256(GOOD) in msg and sha256(OTHER) in msg, msg
     assert dest.read_bytes() == GOOD and dest.stat().st_mtime_ns == before.st_mtime_ns
-    assert data_listing(tmp_path) == ["adult-web.tgz"]
+    assert data_listing(tmp_path) == ["adult/web.tgz"]
 
 
 def test_checksum_changed_in_params_keeps_old_copy(tmp_path, server):
@@ -146,14 +147,15 @@ def test_checksum_changed_in_params_keeps_old_copy(tmp_path, server):
     fetch_into(tmp_path, cfg_for(tmp_path, url=f"{server.url}/adult.tgz", sha256=sha256(GOOD)))
     with pytest.raises(SourceError, match=sha256(OTHER)):
         fetch_into(tmp_path, cfg_for(tmp_path, url=f"{server.url}/adult.tgz", sha256=sha256(OTHER)))
-    assert (tmp_path / "data" / "adult-web.tgz").read_bytes() == GOOD
-    assert data_listing(tmp_path) == ["adult-web.tgz"]
+    assert (tmp_path / "data" / "adult" / "web.tgz").read_bytes() == GOOD
+    assert data_listing(tmp_path) == ["adult/web.tgz"]
 
 
 def test_damaged_copy_is_replaced(tmp_path, server):
     cfg = cfg_for(tmp_path, url=f"{server.url}/adult.tgz", sha256=sha256(GOOD))
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "adult-web.tgz").write_bytes(GOOD[:10])
+    (tmp_path / "data" / "adult").mkdir(parents=True)
+    (tmp_path / "data" / "adult" / "web.tgz").write_bytes(GOOD[:10])
     assert fetch_into(tmp_path, cfg).read_bytes() == GOOD
 
 
@@ -197,12 +199,12 @@ def test_unreachable_url(tmp_path, url):
 
 def test_unreachable_url_keeps_good_copy(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/adult.tgz"
-    (tmp_path / "data").mkdir()
-    dest = tmp_path / "data" / "adult-web.tgz"
+    dest = tmp_path / "data" / "adult" / "web.tgz"
+    dest.parent.mkdir(parents=True)
     dest.write_bytes(GOOD)
     with pytest.raises(SourceError):
         fetch_into(tmp_path, cfg_for(tmp_path, url=url, sha256=sha256(GOOD)), force=True)
-    assert dest.read_bytes() == GOOD and data_listing(tmp_path) == ["adult-web.tgz"]
+    assert dest.read_bytes() == GOOD and data_listing(tmp_path) == ["adult/web.tgz"]
 
 
 def test_file_url(tmp_path):
@@ -221,7 +223,7 @@ def test_local_path_is_relative_to_root(tmp_path, monkeypatch):
     (root / "archives" / "adult.tgz").write_bytes(GOOD)
     monkeypatch.chdir(tmp_path)  # not the root: the path must still resolve against it
     path = fetch_into(root, cfg_for(root, path="archives/adult.tgz", sha256=sha256(GOOD)))
-    assert path.read_bytes() == GOOD and data_listing(root) == ["adult-web.tgz"]
+    assert path.read_bytes() == GOOD and data_listing(root) == ["adult/web.tgz"]
 
 
 def test_local_path_missing(tmp_path):
@@ -240,13 +242,13 @@ def test_local_path_is_a_folder(tmp_path):
 
 def test_local_path_wrong_checksum_keeps_good_copy(tmp_path):
     (tmp_path / "new.tgz").write_bytes(OTHER)
-    (tmp_path / "data").mkdir()
-    dest = tmp_path / "data" / "adult-web.tgz"
+    dest = tmp_path / "data" / "adult" / "web.tgz"
+    dest.parent.mkdir(parents=True)
     dest.write_bytes(GOOD)
     with pytest.raises(SourceError) as err:
         fetch_into(tmp_path, cfg_for(tmp_path, path="new.tgz", sha256=sha256(GOOD)), force=True)
     assert LABEL in str(err.value) and sha256(OTHER) in str(err.value)
-    assert dest.read_bytes() == GOOD and data_listing(tmp_path) == ["adult-web.tgz"]
+    assert dest.read_bytes() == GOOD and data_listing(tmp_path) == ["adult/web.tgz"]
 
 
 # ----------------------------------------------------------------------------- generated samples
@@ -261,7 +263,7 @@ def test_generated_sample_is_reproducible_and_refetch_is_noop(tmp_path):
     fetch_into(one, cfg_for(one, generate="adult", rows=300, seed=3))
     after = a.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
-    assert data_listing(one) == ["adult-web.tgz"]
+    assert data_listing(one) == ["adult/web.tgz"]
 
     c = fetch_into(one, cfg_for(one, generate="adult", rows=300, seed=4))  # new seed: new file
     assert c.read_bytes() != b.read_bytes()
