@@ -22,12 +22,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
 
 
-def small_params(rows: int = 2000, **train) -> dict:
-    """The real params.yaml with the adult sample shrunk: same keys, fewer rows, 1 epoch."""
+def small_params(rows: int = 2000, recipes: tuple[str, ...] = ("adult",), **train) -> dict:
+    """The real params.yaml, only `recipes` kept, adult's sample shrunk: same keys, fewer rows,
+    1 epoch. Tests of other recipes shrink their own section from the returned dict."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    adult = raw["recipes"]["adult"]
-    adult["sources"]["synthetic"]["rows"] = rows
-    adult["train"].update({"epochs": 1, "bs": 64, "num_workers": 1, **train})
+    raw["recipes"] = {name: raw["recipes"][name] for name in recipes}
+    if "adult" in raw["recipes"]:
+        adult = raw["recipes"]["adult"]
+        adult["sources"]["synthetic"]["rows"] = rows
+        adult["train"].update({"epochs": 1, "bs": 64, "num_workers": 1, **train})
     return raw
 
 
