@@ -10,6 +10,7 @@ A recipe module declares, and nothing else (see recipes/adult.py):
   schema for the validation suite: COLUMNS, CATEGORIES, RANGES, TARGET (+ CLASSES if classifying);
   optional extra_expectations(validate_cfg) -> [(gx expectation type, kwargs), ...]
 Optional hooks:
+  split(df, cfg) -> bool mask of validation rows (default: seeded random prepare.valid_pct)
   batches(recipe, processor, df, bs, rank, world, seed, train, cfg) -> callable(epoch) -> batches
   callbacks(cfg) -> extra training-loop callbacks (e.g. reset an RNN's state each epoch)
   evaluate(model, recipe, processor, valid_df, bs, plots_dir, cfg) -> (metrics, main_plot_path)

@@ -40,7 +40,10 @@ def run(cfg: RecipeConfig, paths: Paths) -> PrepareResult:
     with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
         extracted = extract(archive, Path(tmp) / "raw")
         df = recipe.normalise(recipe.read_raw(extracted))
-    df["is_valid"] = split_mask(len(df), cfg.prepare.valid_pct, cfg.prepare.seed)
+    # A recipe whose data comes pre-split (train.txt / valid.txt) supplies split(df, cfg) -> mask.
+    split = getattr(recipe, "split", None)
+    df["is_valid"] = (np.asarray(split(df, cfg), dtype=bool) if split is not None
+                      else split_mask(len(df), cfg.prepare.valid_pct, cfg.prepare.seed))
     out = paths.prepared(cfg.name)
     with atomic_path(out) as tmp_out:
         tmp_out.mkdir()
