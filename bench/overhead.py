@@ -76,7 +76,8 @@ def bare_fit(cfg, frame, threads: int) -> list[dict]:
     """Plain PyTorch: same model, optimiser, one-cycle schedule and validation; no Learner, no Ray."""
     import torch
 
-    from coursepipe.distributed.ray_train import build_optimizer, shard_batches
+    from coursepipe.data.batches import shard_batches
+    from coursepipe.learn.setup import build_optimizer
     from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
     from coursepipe.recipes import get_recipe
 
@@ -89,7 +90,7 @@ def bare_fit(cfg, frame, threads: int) -> list[dict]:
     xc, xn, y = recipe.tensors(processor, train_df)
     vc, vn, vy = recipe.tensors(processor, valid_df)
     model = recipe.build_model(processor, cfg.model)
-    opt = build_optimizer(model, recipe.splitter(model), t)
+    opt = build_optimizer(recipe.splitter(model), t)
     loss_func = recipe.loss_func()
     sched_lr, sched_mom = one_cycle_lr(t.lr, t.pct_start, t.div, t.div_final), one_cycle_mom(t.moms, t.pct_start)
     n_batches = len(y) // t.bs
@@ -128,7 +129,7 @@ def model_only_seconds(cfg, frame, threads: int, steps: int = 200) -> tuple[floa
     forward + backward + AdamW, and a no-grad forward. No data slicing, schedule or bookkeeping."""
     import torch
 
-    from coursepipe.distributed.ray_train import build_optimizer
+    from coursepipe.learn.setup import build_optimizer
     from coursepipe.recipes import get_recipe
 
     torch.set_num_threads(threads)
@@ -137,7 +138,7 @@ def model_only_seconds(cfg, frame, threads: int, steps: int = 200) -> tuple[floa
     processor = recipe.fit_processor(train_df, cfg.model)
     xc, xn, y = recipe.tensors(processor, train_df)
     model = recipe.build_model(processor, cfg.model).train()
-    opt = build_optimizer(model, recipe.splitter(model), cfg.train)
+    opt = build_optimizer(recipe.splitter(model), cfg.train)
     loss_func = recipe.loss_func()
     for i in range(steps + 20):
         if i == 20:  # warm-up done

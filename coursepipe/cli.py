@@ -92,6 +92,27 @@ def cmd_pipeline(args) -> None:
         cmd_stage(args)
 
 
+def cmd_lr_find(args) -> None:
+    """The LR finder on the prepared training rows, in this process (no Ray): PNG + suggestions."""
+    import torch
+    from coursepipe.io import write_bytes, write_json
+    from coursepipe.learn import fine_tune, lr_finder, setup
+    from coursepipe.stages import prepare
+    _, cfg = _cfg(args)
+    paths = Paths(args.root)
+    torch.set_num_threads(cfg.train.threads or cfg.train.cpus_per_worker)
+    torch.manual_seed(cfg.train.seed)
+    parts = setup.build(cfg, prepare.load(paths, cfg.name), show=False)
+    setup.enter_phase(parts, fine_tune.phases(cfg.train)[0], cfg.train)  # as training starts
+    result = lr_finder.lr_find(parts.learn, args.start_lr, args.end_lr, args.num_it)
+    out = paths.plots(cfg.name)
+    write_bytes(out / "lr_find.png", lr_finder.plot(result, f"{cfg.name}: LR finder"))
+    write_json(out / "lr_find.json", result)
+    tips = ", ".join(f"{k} {v:.2e}" for k, v in result["suggestions"].items())
+    print(f"lr-find@{cfg.name}: suggested learning rates: {tips} "
+          f"(plot: {(out / 'lr_find.png').relative_to(paths.root)})")
+
+
 def cmd_gx_init(args) -> None:
     from coursepipe.validation.suites import init_suite
     _, cfg = _cfg(args)
@@ -133,6 +154,13 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--dvc", action="store_true",
                     help="also `dvc add data` + `dvc push` (off: a job's root is usually no DVC repo)")
     pl.set_defaults(fn=cmd_pipeline)
+
+    lf = sub.add_parser("lr-find", help="run the LR finder (plot + suggested learning rates)")
+    lf.add_argument("recipe")
+    lf.add_argument("--start-lr", type=float, default=1e-7)
+    lf.add_argument("--end-lr", type=float, default=10.0)
+    lf.add_argument("--num-it", type=int, default=100)
+    lf.set_defaults(fn=cmd_lr_find)
 
     g = sub.add_parser("gx-init", help="(re)write a recipe's Great Expectations suite from params")
     g.add_argument("recipe")

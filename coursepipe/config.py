@@ -159,6 +159,8 @@ class Validate:
     max_null: float = 0.0           # tolerated fraction of missing values in a column not listed below
     max_null_by_column: dict[str, float] = field(default_factory=dict)  # per-column overrides
     unknown_category: float = 0.0   # tolerated fraction of non-missing values outside a column's vocabulary
+    min_per_class: int = 1          # image recipes: fewest images of any class in each split
+    image_side: tuple[int, int] = (1, 100_000)  # image recipes: allowed width/height, pixels
 
     def __post_init__(self):
         if self.examples < 0:
@@ -182,6 +184,8 @@ class Train:
     moms: tuple[float, float, float] = (0.95, 0.85, 0.95)  # beta1 at start, peak lr, end
     div: float = 25.0               # start lr = lr / div
     div_final: float = 1e5          # final lr = lr / div_final
+    freeze_epochs: int = 0          # > 0: fastai's fine_tune: this many frozen epochs first, then
+    lr_mult: float = 100.0          #   `epochs` unfrozen at slice(lr / 2 / lr_mult, lr / 2)
     seed: int = 42
     num_workers: int = 2            # Ray Train workers (data-parallel ranks)
     cpus_per_worker: int = 1
@@ -198,6 +202,10 @@ class Train:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.pct_start < 1.0:
             raise ConfigError(f"pct_start must be in [0, 1), got {self.pct_start}")
+        if self.freeze_epochs < 0:
+            raise ConfigError(f"freeze_epochs must be >= 0, got {self.freeze_epochs}")
+        if self.lr_mult < 1:
+            raise ConfigError(f"lr_mult must be >= 1, got {self.lr_mult}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if self.max_failures < 0:

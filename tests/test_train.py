@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from coursepipe.data.batches import shard_batches
 from coursepipe.distributed import ray_train
 from coursepipe.stages import prepare, train
 
@@ -28,24 +29,26 @@ def test_run_name_follows_params_and_data(adult_cfg):
 
 
 def test_shards_are_disjoint_and_equal_sized():
-    shards = [ray_train.shard_batches(103, 8, r, 2, seed=1, epoch=0, shuffle=True, drop_last=True)
+    shards = [shard_batches(103, 8, r, 2, seed=1, epoch=0, shuffle=True, drop_last=True)
               for r in range(2)]
     rows = [torch.cat(s).tolist() for s in shards]
     assert len(shards[0]) == len(shards[1])                  # DDP needs equal step counts
     assert not set(rows[0]) & set(rows[1])
     assert all(len(b) == 4 for s in shards for b in s)       # global bs 8 over 2 ranks
-    again = ray_train.shard_batches(103, 8, 0, 2, seed=1, epoch=0, shuffle=True, drop_last=True)
+    again = shard_batches(103, 8, 0, 2, seed=1, epoch=0, shuffle=True, drop_last=True)
     assert [b.tolist() for b in again] == [b.tolist() for b in shards[0]]  # resume replays
 
 
-def test_two_workers_train_and_a_restart_resumes(prepared, adult_cfg, ray_session):
-    cfg = with_train(adult_cfg, num_workers=2, epochs=2)
+def test_two_workers_fine_tune_and_a_restart_resumes(prepared, adult_cfg, ray_session):
+    # fine_tune: 1 frozen epoch, then 1 unfrozen; DDP is re-wrapped at the phase change
+    cfg = with_train(adult_cfg, num_workers=2, freeze_epochs=1, epochs=1)
     storage = prepared.runs(".runs")
     first = train.run(cfg, prepared, storage=storage, verbose=False)
 
     assert [h["epoch"] for h in first.history] == [0, 1]
     assert first.history[-1]["accuracy"] > majority_rate(prepared) + 0.03
     assert first.train_seconds > 0
+    assert len(first.rank_checksums) == 2 and first.rank_checksums[0] == first.rank_checksums[1]
     hist = pd.read_csv(prepared.history("adult"))
     assert list(hist["epoch"]) == [0, 1] and "valid_loss" in hist
     model, processor, bundle = train.load_model(prepared, cfg)

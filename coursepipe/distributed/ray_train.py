@@ -22,51 +22,13 @@ import pandas as pd
 import torch
 
 from coursepipe.config import RecipeConfig
-from coursepipe.learn.callbacks import EpochTable, ParamScheduler, Recorder, Timer
-from coursepipe.learn.loop import Callback, Learner
-from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
+
+from coursepipe.learn import fine_tune, setup
+from coursepipe.learn.callbacks import Recorder
+from coursepipe.learn.loop import Callback
 
 CKPT_FILE = "checkpoint.pt"
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- per-rank data
-
-def shard_batches(n: int, bs: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool,
-                  drop_last: bool):
-    """Row indices of this rank's batches. Every rank gets the same number of batches, so DDP's
-    all-reduces line up; the permutation depends only on (seed, epoch), so a resumed epoch
-    replays exactly."""
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=g)
-    else:
-        order = torch.arange(n)
-    per_rank = n // world if drop_last else -(-n // world)
-    mine = order[rank::world][:per_rank]
-    local_bs = max(1, bs // world) if drop_last else bs
-    n_batches = len(mine) // local_bs if drop_last else -(-len(mine) // local_bs)
-    return [mine[i * local_bs:(i + 1) * local_bs] for i in range(n_batches)]
-
-
-class TensorBatches:
-    """Batches of in-memory tensors for one rank: slicing, no per-row collation."""
-
-    def __init__(self, tensors, bs: int, rank: int, world: int, seed: int, train: bool):
-        self.tensors, self.bs, self.rank, self.world = tensors, bs, rank, world
-        self.seed, self.train = seed, train
-
-    def __call__(self, epoch: int = 0):
-        n = len(self.tensors[0])
-        for idx in shard_batches(n, self.bs, self.rank, self.world, self.seed, epoch,
-                                 shuffle=self.train, drop_last=self.train):
-            yield tuple(t[idx] for t in self.tensors)
-
-
-def tensor_batches(recipe, processor: dict, df: pd.DataFrame, bs: int, rank: int, world: int,
-                   seed: int, train: bool, cfg=None) -> TensorBatches:
-    """The default batch source: the recipe's in-memory tensors, sharded by rank."""
-    return TensorBatches(recipe.tensors(processor, df), bs, rank, world, seed, train=train)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -101,7 +63,8 @@ class RayReport(Callback):
             ray.train.report(metrics)
             return
         state = {"model": unwrap(learn.model).state_dict(), "opt": learn.opt.state_dict(),
-                 "epoch": learn.epoch, "step": learn.step, "history": self.recorder.history,
+                 "epoch": learn.epoch_offset + learn.epoch, "step": learn.step,
+                 "history": self.recorder.history,
                  "rng": rng_state(), "processor": self.processor}
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / CKPT_FILE)
@@ -114,17 +77,6 @@ def load_checkpoint(checkpoint) -> dict:
 
 
 # ----------------------------------------------------------------------------- the worker loop
-
-def build_optimizer(model: torch.nn.Module, groups, t):
-    """AdamW over the splitter's param groups (fastai's eps=1e-5, beta2=0.99).
-
-    fused: one kernel for all params instead of ~10 tiny ops per tensor; on CPU torch defaults
-    to that per-tensor loop, which took 38% of adult's step (0.84 of 2.23 ms; fused: 0.26 ms).
-    """
-    return torch.optim.AdamW([{"params": g, "lr_scale": 1.0} for g in groups if g],
-                             lr=t.lr, betas=(t.moms[0], 0.99), eps=1e-5, weight_decay=t.wd,
-                             fused=True)
-
 
 def worker_threads(t) -> int:
     """torch intra-op threads per worker: `train.threads` when set (> 0), else cpus_per_worker.
@@ -150,10 +102,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
-    from coursepipe.recipes import get_recipe
-
     cfg: RecipeConfig = config["cfg"]
-    frame: pd.DataFrame = config["frame"]
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -161,51 +110,54 @@ def train_loop_per_worker(config: dict) -> dict | None:
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
     random.seed(t.seed)
-
-    recipe = get_recipe(cfg.name)
-    train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
-    processor = recipe.fit_processor(train_df, cfg.model)  # deterministic: same on every rank
-    model = recipe.build_model(processor, cfg.model)
-    opt = build_optimizer(model, recipe.splitter(model), t)
     device = ray.train.torch.get_device()
-
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted run (same name) or a worker-group restart
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        if rank == 0:
-            print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
-    model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         if world > 1:
             torch.distributed.all_reduce(x)
         return x
 
-    recorder, timer = Recorder(history), Timer()
-    use_amp = t.mixed_precision and device.type == "cuda"
-    batches = getattr(recipe, "batches", tensor_batches)  # a recipe may shard its own way (LM streams)
-    learn = Learner(
-        model,
-        batches(recipe, processor, train_df, t.bs, rank, world, t.seed, train=True, cfg=cfg),
-        batches(recipe, processor, valid_df, t.bs * 4, rank, world, t.seed, train=False, cfg=cfg),
-        recipe.loss_func(), opt, recipe.metrics(),
-        cbs=[ParamScheduler({"lr": one_cycle_lr(t.lr, t.pct_start, t.div, t.div_final),
-                             "beta1": one_cycle_mom(t.moms, t.pct_start)}),
-             recorder, timer, EpochTable(show=rank == 0 and config.get("verbose", True)),
-             RayReport(rank, processor, recorder),
-             *(recipe.callbacks(cfg) if hasattr(recipe, "callbacks") else ())],
-        device=device, reduce=reduce,
-        autocast_dtype=torch.bfloat16 if use_amp else None)
-    learn.fit(t.epochs, start_epoch=start_epoch)
+    parts = setup.build(cfg, config["frame"], rank, world, device, reduce,
+                        show=rank == 0 and config.get("verbose", True))
+    learn, model = parts.learn, parts.model
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted run (same name) or a worker-group restart
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        learn.opt.load_state_dict(state["opt"])
+        set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        parts.recorder.history = list(state["history"])
+        if rank == 0:
+            print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
+    learn.add_cbs(RayReport(rank, parts.processor, parts.recorder))
+
+    plan = fine_tune.phases(t)
+    first = 0
+    for phase in plan:
+        if start_epoch < first + phase.epochs:
+            setup.enter_phase(parts, phase, t)
+            # re-wrap at every phase: DDP syncs only the parameters trainable when it wrapped them
+            learn.model = ray.train.torch.prepare_model(model)
+            learn.fit(phase.epochs, start_epoch=max(0, start_epoch - first), epoch_offset=first)
+        first += phase.epochs
+    checksums = rank_checksums(model, world)
     if rank == 0:
-        return {"history": recorder.history, "train_seconds": timer.seconds,
-                "start_epoch": start_epoch, "worker": worker_stats(started)}
+        return {"history": parts.recorder.history, "train_seconds": parts.timer.total,
+                "start_epoch": start_epoch, "worker": worker_stats(started),
+                "rank_checksums": checksums}
     return None
+
+
+def rank_checksums(model: torch.nn.Module, world: int) -> list[float]:
+    """Every rank's sum of |weights| (float64): equal on all ranks when data parallelism held."""
+    mine = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    if world == 1:
+        return [mine]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
 
 
 # ----------------------------------------------------------------------------- the driver side
@@ -220,6 +172,7 @@ class FitResult:
     storage: str
     worker: dict = dataclasses.field(default_factory=dict)  # rank 0's worker_stats()
     start_epoch: int = 0     # > 0 when the (last) worker group resumed from a checkpoint
+    rank_checksums: list = dataclasses.field(default_factory=list)  # per rank, after training
 
 
 # Ray settings a local cluster inherits from this process; a value already in the environment wins.
@@ -284,4 +237,5 @@ def fit(cfg: RecipeConfig, frame: pd.DataFrame, storage: str, run_name: str,
     return FitResult(state=state, history=list(state["history"]),
                      train_seconds=float(ret.get("train_seconds", 0.0)),
                      wall_seconds=time.perf_counter() - t0, run_name=run_name, storage=storage,
-                     worker=dict(ret.get("worker", {})), start_epoch=int(ret.get("start_epoch", 0)))
+                     worker=dict(ret.get("worker", {})), start_epoch=int(ret.get("start_epoch", 0)),
+                     rank_checksums=list(ret.get("rank_checksums", [])))

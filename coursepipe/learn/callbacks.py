@@ -106,11 +106,17 @@ class EpochTable(Callback):
 
 
 class Timer(Callback):
-    """Seconds spent inside the epoch loop (what the course's training time counts)."""
+    """Seconds spent inside the epoch loop (what the course's training time counts).
+
+    `seconds` is the last fit's; `total` adds up every fit (fine_tune runs one per phase)."""
     order = 70
+
+    def __init__(self):
+        self.seconds = self.total = 0.0
 
     def before_fit(self):
         self.t0, self.seconds = time.perf_counter(), 0.0
 
     def after_fit(self):
         self.seconds = time.perf_counter() - self.t0
+        self.total += self.seconds

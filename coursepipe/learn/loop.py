@@ -70,7 +70,7 @@ class Learner:
         # ignore most of them, so looking them up once saves ~2% of a small model's epoch
         self._handlers: dict[str, list[Callable[[], None]]] = {}
         self.epoch, self.n_epochs, self.step, self.total_steps = 0, 0, 0, 0
-        self.start_epoch = 0
+        self.start_epoch, self.epoch_offset = 0, 0
         self.training = False
         self.log: dict[str, float] = {}
 
@@ -81,6 +81,16 @@ class Learner:
             handlers = self._handlers[event] = [h for h in (cb.handler(event) for cb in self.cbs) if h]
         for h in handlers:
             h()
+
+    def add_cbs(self, *cbs: Callback) -> None:
+        for cb in cbs:
+            cb.learn = self
+        self.cbs = sorted([*self.cbs, *cbs], key=lambda c: c.order)
+        self._handlers.clear()
+
+    def remove_cbs(self, *cbs: Callback) -> None:
+        self.cbs = [c for c in self.cbs if all(c is not x for x in cbs)]
+        self._handlers.clear()
 
     def cb(self, cls: type) -> Callback | None:
         return next((c for c in self.cbs if isinstance(c, cls)), None)
@@ -116,7 +126,7 @@ class Learner:
         self.model.train()
         self._loss_sum, self._n = torch.zeros((), device=self.device), 0
         self("before_train")
-        for batch in self.train_batches(self.epoch):
+        for batch in self.train_batches(self.epoch_offset + self.epoch):
             self._train_batch(self._to(batch))
         tot = self.reduce(torch.stack([self._loss_sum.float(), torch.tensor(float(self._n), device=self.device)]))
         self.log["train_loss"] = (tot[0] / tot[1].clamp(min=1)).item()
@@ -146,9 +156,13 @@ class Learner:
         self("after_validate")
         return out
 
-    def fit(self, n_epochs: int, start_epoch: int = 0, steps_per_epoch: int | None = None) -> None:
-        """Train epochs [start_epoch, n_epochs); a resumed run passes the epoch it stopped after."""
-        self.n_epochs, self.start_epoch = n_epochs, start_epoch
+    def fit(self, n_epochs: int, start_epoch: int = 0, steps_per_epoch: int | None = None,
+            epoch_offset: int = 0) -> None:
+        """Train epochs [start_epoch, n_epochs); a resumed run passes the epoch it stopped after.
+
+        `epoch_offset` numbers this fit's epochs after earlier phases (fine_tune's frozen phase),
+        so logs, checkpoints and the data order see one global epoch count."""
+        self.n_epochs, self.start_epoch, self.epoch_offset = n_epochs, start_epoch, epoch_offset
         self.steps_per_epoch = steps_per_epoch if steps_per_epoch is not None else \
             sum(1 for _ in self.train_batches(0))
         self.total_steps = self.steps_per_epoch * n_epochs
@@ -156,7 +170,7 @@ class Learner:
         try:
             self("before_fit")
             for epoch in range(start_epoch, n_epochs):
-                self.epoch, self.log = epoch, {"epoch": epoch}
+                self.epoch, self.log = epoch, {"epoch": epoch_offset + epoch}
                 t0 = time.perf_counter()
                 try:
                     self("before_epoch")

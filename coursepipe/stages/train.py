@@ -28,6 +28,7 @@ class TrainResult:
     history: list[dict]
     train_seconds: float      # rank 0's epoch loop
     startup_seconds: float    # everything else in the fit: Ray start, workers, teardown
+    rank_checksums: list      # sum |w| per rank after training: equal when the ranks agree
 
 
 def run_name(cfg: RecipeConfig, data_digest: str) -> str:
@@ -62,7 +63,8 @@ def run(cfg: RecipeConfig, paths: Paths, storage: str, verbose: bool = True) -> 
         "worker_max_rss_mb": round(fit.worker.get("max_rss_mb", 0.0), 1)})
     return TrainResult(run_name=name, epochs_run=len(fit.history), history=fit.history,
                        train_seconds=fit.train_seconds,
-                       startup_seconds=fit.wall_seconds - fit.train_seconds)
+                       startup_seconds=fit.wall_seconds - fit.train_seconds,
+                       rank_checksums=fit.rank_checksums)
 
 
 def save_bundle(paths: Paths, cfg: RecipeConfig, state_dict: dict, processor: dict,

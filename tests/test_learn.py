@@ -1,0 +1,84 @@
+"""The training techniques in coursepipe/learn: schedules, fine_tune pieces, the LR finder."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from coursepipe.learn import fine_tune, lr_finder, setup
+from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
+from coursepipe.stages import prepare
+
+
+def test_one_cycle_shape():
+    f = one_cycle_lr(1e-2, pct_start=0.25, div=25, div_final=1e5)
+    assert f(0) == pytest.approx(1e-2 / 25)
+    assert f(0.25) == pytest.approx(1e-2)
+    assert f(1) == pytest.approx(1e-2 / 1e5)
+    assert f(0.1) < f(0.2) and f(0.5) > f(0.9)
+    m = one_cycle_mom((0.95, 0.85, 0.95), 0.25)
+    assert m(0) == pytest.approx(0.95) and m(0.25) == pytest.approx(0.85) and m(1) == pytest.approx(0.95)
+
+
+def test_discriminative_lrs_are_geometric():
+    assert fine_tune.lr_scales(3, 1e-5, 1e-3) == pytest.approx([0.01, 0.1, 1.0])
+    assert fine_tune.lr_scales(2, 1e-3, 1e-3) == [1.0, 1.0]
+
+
+def test_phases_follow_fastai_fine_tune(adult_cfg):
+    t = dataclasses.replace(adult_cfg.train, freeze_epochs=1, epochs=3, lr=1e-2, lr_mult=100)
+    frozen, unfrozen = fine_tune.phases(t)
+    assert frozen == fine_tune.Phase(1, (1e-2, 1e-2), 0.99, frozen=True)
+    assert unfrozen.epochs == 3 and unfrozen.lr == pytest.approx((5e-5, 5e-3)) and not unfrozen.frozen
+    assert fine_tune.locate([frozen, unfrozen], 0) == (0, 0)
+    assert fine_tune.locate([frozen, unfrozen], 2) == (1, 1)
+    assert fine_tune.locate([frozen, unfrozen], 4) == (2, 0)
+    assert len(fine_tune.phases(dataclasses.replace(t, freeze_epochs=0))) == 1
+
+
+def test_freeze_keeps_batchnorm_trainable():
+    body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    head = nn.Linear(8, 2)
+    model = nn.Sequential(body, head)
+    groups = [list(body.parameters()), list(head.parameters())]
+    fine_tune.freeze_to(model, groups, -1)
+    assert not body[0].weight.requires_grad and body[1].weight.requires_grad
+    assert head.weight.requires_grad
+    fine_tune.freeze_to(model, groups, 0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_frozen_phase_trains_only_the_head_then_lrs_spread(prepared, adult_cfg):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(adult_cfg, train=dataclasses.replace(adult_cfg.train, freeze_epochs=1))
+    parts = setup.build(cfg, prepare.load(prepared, "adult"), show=False)
+    frozen, unfrozen = fine_tune.phases(cfg.train)
+    emb_before = [p.detach().clone() for p in parts.groups[0]]
+    head_before = [p.detach().clone() for p in parts.groups[-1]]
+    setup.enter_phase(parts, frozen, cfg.train)
+    parts.learn.fit(1)
+    assert all(torch.equal(a, b) for a, b in zip(emb_before, parts.groups[0]))
+    assert not all(torch.equal(a, b) for a, b in zip(head_before, parts.groups[-1]))
+    setup.enter_phase(parts, unfrozen, cfg.train)
+    parts.learn.fit(1, epoch_offset=1)
+    lrs = [g["lr"] for g in parts.learn.opt.param_groups]
+    assert lrs[0] / lrs[1] == pytest.approx(1 / cfg.train.lr_mult)
+    assert not all(torch.equal(a, b) for a, b in zip(emb_before, parts.groups[0]))
+    assert [h["epoch"] for h in parts.recorder.history] == [0, 1]
+
+
+def test_lr_finder_suggests_and_restores(prepared, adult_cfg):
+    torch.manual_seed(0)
+    parts = setup.build(adult_cfg, prepare.load(prepared, "adult"), show=False)
+    setup.enter_phase(parts, fine_tune.phases(adult_cfg.train)[0], adult_cfg.train)
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    result = lr_finder.lr_find(parts.learn, 1e-6, 10.0, num_it=60)
+    assert 10 <= len(result["lrs"]) <= 60 and result["lrs"] == sorted(result["lrs"])
+    assert result["losses"][-1] > min(result["losses"])       # it ran into divergence or rising loss
+    i_min = result["losses"].index(min(result["losses"]))
+    assert result["suggestions"]["minimum"] == pytest.approx(result["lrs"][i_min] / 10)
+    assert result["lrs"][0] <= result["suggestions"]["steep"] <= result["lrs"][-1]
+    assert all(torch.equal(v, parts.model.state_dict()[k]) for k, v in before.items())
+    assert lr_finder.plot(result, "t")[:8] == b"\x89PNG\r\n\x1a\n"
