@@ -77,13 +77,15 @@ def test_interrupted_run_continues_from_its_checkpoint(prepared, adult_cfg, ray_
     assert not torch.equal(one.state["model"]["layers.0.weight"], two.state["model"]["layers.0.weight"])
 
 
-def _train_workers():
-    """Live Ray Train worker processes (their title is set by Ray: ray::RayTrainWorker...)."""
+def _train_workers(since: float):
+    """Ray Train worker processes started after `since` (their title is set by Ray:
+    ray::RayTrainWorker...); older ones belong to earlier, finished runs and may still be exiting."""
     import psutil
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "create_time"]):
         try:
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+            if p.info["create_time"] >= since and p.is_running() and \
+                    any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -108,6 +110,7 @@ def test_a_killed_worker_is_survived(project, ray_session):
     frame = prepare.load(project, "adult")
     storage = project.runs(".runs")
     out = {}
+    since = time.time() - 1  # create_time has ~10 ms resolution
     fitter = threading.Thread(target=lambda: out.update(
         result=ray_train.fit(cfg, frame, storage, "kill-test", verbose=False)))
     fitter.start()
@@ -115,7 +118,7 @@ def test_a_killed_worker_is_survived(project, ray_session):
     deadline = time.time() + 120
     while time.time() < deadline and not snapshot.is_file():
         time.sleep(0.2)  # wait until Ray has registered epoch 0's checkpoint
-    victims = _train_workers()
+    victims = _train_workers(since)
     assert victims, "no Ray Train worker process found"
     victims[-1].kill()
     fitter.join(timeout=240)
