@@ -28,6 +28,11 @@ class TensorBatches:
         self.tensors, self.bs, self.rank, self.world = tensors, bs, rank, world
         self.seed, self.train = seed, train
 
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same for every epoch)."""
+        return len(shard_batches(len(self.tensors[0]), self.bs, self.rank, self.world, self.seed, 0,
+                                 shuffle=False, drop_last=self.train))
+
     def __call__(self, epoch: int = 0):
         n = len(self.tensors[0])
         for idx in shard_batches(n, self.bs, self.rank, self.world, self.seed, epoch,

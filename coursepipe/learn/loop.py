@@ -164,7 +164,7 @@ class Learner:
         so logs, checkpoints and the data order see one global epoch count."""
         self.n_epochs, self.start_epoch, self.epoch_offset = n_epochs, start_epoch, epoch_offset
         self.steps_per_epoch = steps_per_epoch if steps_per_epoch is not None else \
-            sum(1 for _ in self.train_batches(0))
+            self._count_train_batches()
         self.total_steps = self.steps_per_epoch * n_epochs
         self.step = start_epoch * self.steps_per_epoch
         try:
@@ -184,6 +184,13 @@ class Learner:
             pass
         finally:
             self("after_fit")
+
+    def _count_train_batches(self) -> int:
+        """A batch source's len() when it has one; else iterate it once (it may be a generator)."""
+        try:
+            return len(self.train_batches)
+        except TypeError:
+            return sum(1 for _ in self.train_batches(0))
 
     @property
     def pct_train(self) -> float:
