@@ -121,10 +121,14 @@ def cmd_gx_init(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    import importlib
     import pandas as pd
-    from coursepipe.export.portable import predict_frame
+    from coursepipe.recipes import get_recipe
+    portable = importlib.import_module(getattr(get_recipe(args.recipe), "PORTABLE",
+                                               "coursepipe.export.portable"))
     export_dir = Path(args.export) if args.export else Paths(args.root).export(args.recipe)
-    out = predict_frame(export_dir, pd.read_csv(args.rows, skipinitialspace=True, na_values=["?"]))
+    out = portable.predict_frame(export_dir, pd.read_csv(args.rows, skipinitialspace=True,
+                                                         na_values=["?"]))
     out.to_csv(args.out or sys.stdout, index=False)
 
 
@@ -168,7 +172,8 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="label CSV rows with an exported model (export alone)")
     pr.add_argument("recipe")
-    pr.add_argument("rows", help="CSV with the model's input columns")
+    pr.add_argument("rows", help="CSV with the model's input columns (see the export's predict.py "
+                                 "for inputs that are not rows, e.g. image files)")
     pr.add_argument("--export", help="export folder (default: <root>/export/<recipe>)")
     pr.add_argument("--out", help="output CSV (default: stdout)")
     pr.set_defaults(fn=cmd_predict)

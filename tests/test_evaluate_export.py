@@ -292,8 +292,9 @@ def test_torchscript_fallback_exports_a_matching_graph(done):
     paths, cfg, _, _ = done
     model, processor, _ = train.load_model(paths, cfg)
     x_cat, x_cont, _ = get_recipe("adult").tensors(processor, valid_frame(paths))
-    blob = export.onnx_torchscript(model, export.example_inputs((x_cat, x_cont)),
-                                   export.input_names(model), cfg.export.opset)
+    names = export.input_names(model)
+    blob = export.onnx_torchscript(model, export.example_inputs((x_cat, x_cont)), names,
+                                   cfg.export.opset, export.dynamic_axes(get_recipe("adult"), names))
     import onnxruntime as ort
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     (logits,) = sess.run(None, {"x_cat": x_cat.numpy(), "x_cont": x_cont.numpy()})

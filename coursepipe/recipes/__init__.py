@@ -24,6 +24,7 @@ from types import ModuleType
 # name -> module. A recipe module declares ModelConfig, its data layout and its model parts.
 RECIPES: dict[str, str] = {
     "adult": "coursepipe.recipes.adult",
+    "human_numbers": "coursepipe.recipes.human_numbers",
 }
 
 

@@ -62,35 +62,45 @@ def example_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
     return tuple(x[idx] for x in inputs)
 
 
-def onnx_dynamo(model, args, names: list[str], opset: int) -> bytes:
-    batch = torch.export.Dim("batch")
+def dynamic_axes(recipe, names: list[str]) -> dict[str, dict[int, str]]:
+    """{input name: {axis: axis name}}: the batch axis, or what the recipe declares (a language
+    model's time axis too) as DYNAMIC_AXES; `logits` shares the axes of the first input."""
+    axes = getattr(recipe, "DYNAMIC_AXES", None) or {n: {0: "batch"} for n in names}
+    return {**axes, "logits": axes[names[0]]}
+
+
+def onnx_dynamo(model, args, names: list[str], opset: int, axes: dict) -> bytes:
+    dims: dict[str, torch.export.Dim] = {}  # one Dim per axis name, shared across inputs
+    shapes = {n: {ax: dims.setdefault(d, torch.export.Dim(d)) for ax, d in axes[n].items()}
+              for n in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "axis name batch will not be used": names are shared
         program = torch.onnx.export(model, args, None, dynamo=True, input_names=names,
                                     output_names=["logits"], opset_version=opset,
-                                    dynamic_shapes={n: {0: batch} for n in names}, verbose=False)
+                                    dynamic_shapes=shapes, verbose=False)
     return program.model_proto.SerializeToString()
 
 
-def onnx_torchscript(model, args, names: list[str], opset: int) -> bytes:
+def onnx_torchscript(model, args, names: list[str], opset: int, axes: dict) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
         torch.onnx.export(model, args, buf, dynamo=False, input_names=names, output_names=["logits"],
-                          opset_version=opset,
-                          dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]})
+                          opset_version=opset, dynamic_axes=axes)
     return buf.getvalue()
 
 
-def to_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:
+def to_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int,
+            recipe=None) -> tuple[bytes, str]:
     """(serialised ONNX model, exporter used): the dynamo exporter, else the TorchScript one."""
     names = input_names(model)
+    axes = dynamic_axes(recipe, names)
     try:
-        return onnx_dynamo(model, args, names, opset), "dynamo"
+        return onnx_dynamo(model, args, names, opset, axes), "dynamo"
     except Exception as e:  # any exporter failure: the legacy path still gives a valid graph
         log.warning("dynamo ONNX export failed (%s: %s); falling back to dynamo=False",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return onnx_torchscript(model, args, names, opset), "torchscript"
+        return onnx_torchscript(model, args, names, opset, axes), "torchscript"
 
 
 def with_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
@@ -208,7 +218,7 @@ def run(cfg: RecipeConfig, paths: Paths) -> ExportResult:
     bs = cfg.train.bs * 4  # as in evaluate: inference only
     state_json = json.dumps(processor, indent=2, sort_keys=True) + "\n"
 
-    model_bytes, exporter = to_onnx(model, example_inputs(tuple(inputs)), cfg.export.opset)
+    model_bytes, exporter = to_onnx(model, example_inputs(tuple(inputs)), cfg.export.opset, recipe)
     model_bytes = with_metadata(model_bytes, {portable.METADATA_KEY: state_json, "recipe": cfg.name})
 
     with atomic_path(paths.export(cfg.name)) as out:

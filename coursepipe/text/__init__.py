@@ -1,0 +1,1 @@
+"""Text machinery shared by the language-model recipes (human_numbers, imdb/ULMFiT)."""

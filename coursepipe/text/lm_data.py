@@ -1,0 +1,70 @@
+"""Language-model batches: one token stream cut into bs contiguous rows, read bptt tokens at a time.
+
+As fastai's LMDataLoader: row i of the batch continues row i of the previous batch, so a stateful
+RNN can carry its hidden state across batches. As fastai v1's LanguageModelPreLoader, training
+batches vary their length: bptt, halved with probability p_half, plus N(0, jitter_std), at least
+min_len. Lengths are drawn from a generator seeded by (seed, epoch), identical on every rank, so
+all ranks take the same number of steps and a resumed epoch replays exactly.
+Under data parallelism each rank reads its own contiguous block of rows (rank r: rows
+[r*bs/world, (r+1)*bs/world)), i.e. its own contiguous slice of the stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """fastai v1's random bptt: most batches near bptt, a few near bptt / 2."""
+    p_half: float = 0.05
+    std: float = 5.0
+    min_len: int = 5
+
+
+def seq_lengths(n_cols: int, bptt: int, jitter: Jitter | None, seed: int, epoch: int) -> list[int]:
+    """Batch lengths (tokens) that cover n_cols positions of every row."""
+    rng = np.random.default_rng([seed, epoch])
+    out, pos = [], 0
+    while pos < n_cols:
+        n = bptt
+        if jitter is not None:
+            base = bptt / 2 if rng.random() < jitter.p_half else bptt
+            n = max(jitter.min_len, int(rng.normal(base, jitter.std)))
+        n = min(n, n_cols - pos)
+        out.append(n)
+        pos += n
+    return out
+
+
+def rows_of(ids: torch.Tensor, bs: int) -> torch.Tensor:
+    """(bs, L + 1): the stream cut into bs contiguous rows that overlap by one token (the target)."""
+    L = (len(ids) - 1) // bs
+    if L < 1:
+        raise ValueError(f"a stream of {len(ids)} tokens is too short for {bs} rows")
+    idx = torch.arange(bs)[:, None] * L + torch.arange(L + 1)[None]
+    return ids[idx]
+
+
+class LMBatches:
+    """callable(epoch) -> (x, y) batches of this rank's rows: x (b, T) ids, y the next ids.
+
+    full_only: stop at the first batch shorter than bptt (models that read a fixed window)."""
+
+    def __init__(self, ids: torch.Tensor, bs: int, bptt: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, jitter: Jitter | None = None, full_only: bool = False):
+        if bs % world:
+            raise ValueError(f"batch size {bs} does not split over {world} ranks")
+        local = bs // world
+        self.rows = rows_of(ids, bs)[rank * local:(rank + 1) * local]  # (bs/world, L + 1)
+        self.bptt, self.seed, self.jitter, self.full_only = bptt, seed, jitter, full_only
+
+    def __call__(self, epoch: int = 0):
+        pos = 0
+        for n in seq_lengths(self.rows.shape[1] - 1, self.bptt, self.jitter, self.seed, epoch):
+            if self.full_only and n < self.bptt:  # a fixed-window model cannot read a short tail
+                break
+            yield self.rows[:, pos:pos + n], self.rows[:, pos + 1:pos + n + 1]
+            pos += n
