@@ -105,7 +105,7 @@ def cmd_lr_find(args) -> None:
     parts = setup.build(cfg, prepare.load(paths, cfg.name), show=False)
     setup.enter_phase(parts, fine_tune.phases(cfg.train)[0], cfg.train)  # as training starts
     result = lr_finder.lr_find(parts.learn, args.start_lr, args.end_lr, args.num_it)
-    out = paths.plots(cfg.name)
+    out = paths.validation_report(cfg.name).parent  # not plots/: that folder is evaluate's output
     write_bytes(out / "lr_find.png", lr_finder.plot(result, f"{cfg.name}: LR finder"))
     write_json(out / "lr_find.json", result)
     tips = ", ".join(f"{k} {v:.2e}" for k, v in result["suggestions"].items())

@@ -37,10 +37,10 @@ class Paths:
     def model(self, recipe: str) -> Path:
         return self.root / "models" / recipe
 
-    def history(self, recipe: str) -> Path:
-        return self.root / "plots" / recipe / "history.csv"
+    def history(self, recipe: str) -> Path:      # train's per-epoch metrics (a DVC plot)
+        return self.root / "reports" / recipe / "history.csv"
 
-    def plots(self, recipe: str) -> Path:
+    def plots(self, recipe: str) -> Path:        # evaluate's pictures and tables, whatever the kind
         return self.root / "plots" / recipe
 
     def metrics(self, recipe: str) -> Path:

@@ -25,6 +25,7 @@ from types import ModuleType
 RECIPES: dict[str, str] = {
     "adult": "coursepipe.recipes.adult",
     "human_numbers": "coursepipe.recipes.human_numbers",
+    "movielens": "coursepipe.recipes.movielens",
 }
 
 
