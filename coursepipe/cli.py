@@ -127,8 +127,11 @@ def cmd_predict(args) -> None:
     portable = importlib.import_module(getattr(get_recipe(args.recipe), "PORTABLE",
                                                "coursepipe.export.portable"))
     export_dir = Path(args.export) if args.export else Paths(args.root).export(args.recipe)
-    out = portable.predict_frame(export_dir, pd.read_csv(args.rows, skipinitialspace=True,
-                                                         na_values=["?"]))
+    if len(args.rows) == 1 and args.rows[0].endswith(".csv"):
+        rows = pd.read_csv(args.rows[0], skipinitialspace=True, na_values=["?"])
+    else:  # files to label (images): one row each, read by the portable module
+        rows = pd.DataFrame({"path": args.rows})
+    out = portable.predict_frame(export_dir, rows)
     out.to_csv(args.out or sys.stdout, index=False)
 
 
@@ -172,8 +175,8 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="label CSV rows with an exported model (export alone)")
     pr.add_argument("recipe")
-    pr.add_argument("rows", help="CSV with the model's input columns (see the export's predict.py "
-                                 "for inputs that are not rows, e.g. image files)")
+    pr.add_argument("rows", nargs="+", help="a CSV with the model's input columns, or files to "
+                                            "label (e.g. images)")
     pr.add_argument("--export", help="export folder (default: <root>/export/<recipe>)")
     pr.add_argument("--out", help="output CSV (default: stdout)")
     pr.set_defaults(fn=cmd_predict)

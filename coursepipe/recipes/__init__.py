@@ -11,6 +11,7 @@ A recipe module declares, and nothing else (see recipes/adult.py):
   optional extra_expectations(validate_cfg) -> [(gx expectation type, kwargs), ...]
 Optional hooks:
   split(df, cfg) -> bool mask of validation rows (default: seeded random prepare.valid_pct)
+  after_split(df, cfg) -> df   annotate rows once is_valid is known (e.g. duplicates across splits)
   batches(recipe, processor, df, bs, rank, world, seed, train, cfg) -> callable(epoch) -> batches
   callbacks(cfg) -> extra training-loop callbacks (e.g. reset an RNN's state each epoch)
   evaluate(model, recipe, processor, valid_df, bs, plots_dir, cfg) -> (metrics, main_plot_path)
@@ -26,6 +27,7 @@ RECIPES: dict[str, str] = {
     "adult": "coursepipe.recipes.adult",
     "human_numbers": "coursepipe.recipes.human_numbers",
     "movielens": "coursepipe.recipes.movielens",
+    "mnist": "coursepipe.recipes.mnist",
 }
 
 

@@ -44,6 +44,10 @@ def run(cfg: RecipeConfig, paths: Paths) -> PrepareResult:
     split = getattr(recipe, "split", None)
     df["is_valid"] = (np.asarray(split(df, cfg), dtype=bool) if split is not None
                       else split_mask(len(df), cfg.prepare.valid_pct, cfg.prepare.seed))
+    # ... and a recipe that checks across the split (the same image in train and valid) does it here
+    after = getattr(recipe, "after_split", None)
+    if after is not None:
+        df = after(df, cfg)
     out = paths.prepared(cfg.name)
     with atomic_path(out) as tmp_out:
         tmp_out.mkdir()
