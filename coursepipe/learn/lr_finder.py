@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
-from coursepipe.learn.loop import CancelFitException, Callback, Learner
+from coursepipe.learn.loop import CancelEpochException, CancelFitException, Callback, Learner
 from coursepipe.learn.schedule import sched_exp
 
 
@@ -43,7 +43,7 @@ class LRFinder(Callback):
             raise CancelFitException()
 
     def before_validate(self):
-        raise CancelFitException()  # only the training steps matter
+        raise CancelEpochException()  # skip validation; a small dataset needs several epochs of steps
 
 
 def suggestions(lrs: list[float], losses: list[float]) -> dict[str, float]:

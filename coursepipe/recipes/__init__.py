@@ -28,6 +28,8 @@ RECIPES: dict[str, str] = {
     "human_numbers": "coursepipe.recipes.human_numbers",
     "movielens": "coursepipe.recipes.movielens",
     "mnist": "coursepipe.recipes.mnist",
+    "pets": "coursepipe.recipes.pets",
+    "own_images": "coursepipe.recipes.own_images",
 }
 
 

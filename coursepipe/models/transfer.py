@@ -1,0 +1,245 @@
+"""Transfer learning (lessons 1, 2, 6): a torchvision ResNet body, fastai's new head, pretrained weights.
+
+TransferNet = ImageInput (uint8 or 0..1 pixels -> normalised) -> ResNet body (torchvision's layer
+names, so torchvision's ImageNet state_dict loads into it as it is) -> fastai's create_head
+(concat pool, BN, dropout, linear, ReLU, BN, dropout, linear). `splitter` gives fastai's three
+param groups; fine_tune freezes all but the head and spreads learning rates over them.
+
+Weights come from `model.weights`: `none`, an http(s)/file URL (downloaded once into
+`model.weights_cache`, sha256-checked before it is kept), or a local file (torchvision state_dict,
+a `backbone.pt` from `save_backbone`, or a trained model bundle of this project).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from coursepipe.learn.loop import Callback
+from coursepipe.models.vision import ImageInput
+
+# arch -> (torchvision constructor name, body output channels)
+ARCHS = {"resnet18": ("resnet18", 512), "resnet34": ("resnet34", 512), "resnet50": ("resnet50", 2048)}
+BODY_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+# torchvision's weight files end in -<first hex digits of their sha256>.pth (its check_hash rule)
+URL_HASH = re.compile(r"-([a-f0-9]{6,})\.[A-Za-z0-9]+$")
+
+
+class WeightsError(ValueError):
+    """Pretrained weights could not be fetched, verified or loaded; the message names the source."""
+
+
+# ----------------------------------------------------------------------------- the model
+
+class AdaptiveConcatPool2d(nn.Module):
+    """fastai's pooling: [max, avg] over the grid, so the head sees 2 * channels features."""
+
+    def __init__(self):
+        super().__init__()
+        self.mp, self.ap = nn.AdaptiveMaxPool2d(1), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.mp(x), self.ap(x)], 1)  # (B, 2C, 1, 1)
+
+
+def create_head(nf: int, n_out: int, lin_ftrs: Sequence[int] = (512,), ps: float = 0.5) -> nn.Sequential:
+    """fastai v1 create_head: concat pool, flatten, then [BN, dropout, linear(, ReLU)] per layer;
+    the last dropout is ps, earlier ones ps / 2 (as fastai)."""
+    sizes = [nf * 2, *lin_ftrs, n_out]
+    drops = [ps / 2] * (len(sizes) - 2) + [ps]
+    layers: list[nn.Module] = [AdaptiveConcatPool2d(), nn.Flatten()]
+    for i, (ni, no) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.BatchNorm1d(ni), nn.Dropout(drops[i]), nn.Linear(ni, no)]
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def body(arch: str) -> nn.Sequential:
+    """A randomly initialised torchvision ResNet without its pool and fc, keeping its layer names."""
+    import torchvision
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown transfer arch {arch!r}; expected one of {list(ARCHS)}")
+    net = getattr(torchvision.models, ARCHS[arch][0])(weights=None)
+    return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in BODY_LAYERS))
+
+
+class TransferNet(nn.Module):
+    """ImageInput -> ResNet body -> head; forward(x) takes the one image tensor the export names `x`."""
+
+    def __init__(self, arch: str, n_classes: int, mean, std, lin_ftrs: Sequence[int] = (512,),
+                 ps: float = 0.5):
+        super().__init__()
+        self.stem = ImageInput(mean, std)
+        self.backbone = body(arch)
+        self.head = create_head(ARCHS[arch][1], n_classes, lin_ftrs, ps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.stem(x)))
+
+
+def splitter(model: TransferNet) -> list[list[nn.Parameter]]:
+    """fastai's resnet split: [stem .. layer2], [layer3, layer4], [head]."""
+    b = model.backbone
+    early = [p for name in BODY_LAYERS[:6] for p in getattr(b, name).parameters()]
+    late = [*b.layer3.parameters(), *b.layer4.parameters()]
+    return [early, late, list(model.head.parameters())]
+
+
+# ----------------------------------------------------------------------------- weights
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expected_hash(url: str, sha256: str | None) -> str:
+    """The declared sha256, or torchvision's hash prefix in the file name; neither is an error."""
+    if sha256:
+        return sha256.lower()
+    m = URL_HASH.search(url.split("?")[0])
+    if not m:
+        raise WeightsError(f"weights {url}: no model.weights_sha256 given and the file name carries "
+                           f"no -<hash>. suffix; set model.weights_sha256")
+    return m.group(1)
+
+
+def download(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.0) -> Path:
+    """The cached file for `url`, downloaded once; kept only when its sha256 matches."""
+    want = expected_hash(url, sha256)
+    name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
+    target = Path(cache_dir).expanduser() / name
+    if target.is_file():
+        got = sha256_file(target)
+        if got.startswith(want):
+            return target
+        target.unlink()  # a corrupt or stale cache entry: fetch it again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                    for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        out.write(chunk)
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise WeightsError(
+                    f"weights {url}: cannot download ({reason}). Offline? Fetch the file elsewhere "
+                    f"and set model.weights to its local path, or model.weights: none") from None
+        got = sha256_file(Path(tmp))
+        if not got.startswith(want):
+            raise WeightsError(f"weights {url}: sha256 {got} does not match the expected {want}; "
+                               f"nothing was cached")
+        os.replace(tmp, target)  # atomic: a reader never sees a half-written file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def resolve(weights: str, cache_dir: str, sha256: str | None) -> Path | None:
+    """The local file holding `weights` (None for `none`), downloading a URL into the cache."""
+    if weights in ("", "none"):
+        return None
+    if re.match(r"^(https?|file)://", weights):
+        return download(weights, Path(cache_dir), sha256)
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights {weights}: no such file (relative paths are read from "
+                           f"{Path.cwd()}, the directory the pipeline runs in)")
+    if sha256 and sha256_file(path) != sha256.lower():
+        raise WeightsError(f"weights {weights}: sha256 does not match model.weights_sha256")
+    return path
+
+
+def backbone_state(obj, source: str) -> dict[str, torch.Tensor]:
+    """The body's tensors from a torchvision state_dict, a backbone.pt or a model bundle."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # this project's models/<recipe>/model.pt bundle
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"weights {source}: not a state_dict of tensors")
+    if any(k.startswith("backbone.") for k in obj):
+        obj = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
+    return {k: v for k, v in obj.items() if k.split(".")[0] in BODY_LAYERS}
+
+
+def load_backbone(model: TransferNet, path: Path, source: str) -> int:
+    """Copy the body's weights from `path` into model.backbone; returns the tensors loaded."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of many types
+        raise WeightsError(f"weights {source}: cannot read {path} ({e})") from None
+    state = backbone_state(obj, source)
+    try:
+        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: another arch
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise WeightsError(f"weights {source}: does not fit this backbone ({detail}; another arch?)") from None
+    if missing or unexpected or not state:
+        raise WeightsError(f"weights {source}: does not fit this backbone (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}; another arch?)")
+    return len(state)
+
+
+def save_backbone(model_or_bundle, out: Path) -> Path:
+    """Write the body's state_dict (torchvision names) to `out`, atomically."""
+    from coursepipe.io import atomic_path
+
+    if isinstance(model_or_bundle, (str, Path)):
+        obj = torch.load(model_or_bundle, map_location="cpu", weights_only=False)
+        state = backbone_state(obj, str(model_or_bundle))
+    else:
+        state = model_or_bundle.backbone.state_dict()
+    with atomic_path(Path(out)) as tmp:
+        torch.save(state, tmp)
+    return Path(out)
+
+
+class LoadPretrained(Callback):
+    """Before the first phase of a fresh run, load the declared backbone weights on every rank.
+
+    A callback rather than build_model: build_model also rebuilds trained models for evaluate and
+    export, which must not need (or download) the pretrained file. A resumed run (step > 0) and
+    later fine_tune phases keep the weights they have."""
+    order = -10
+
+    def __init__(self, weights: str, cache_dir: str, sha256: str | None):
+        self.weights, self.cache_dir, self.sha256 = weights, cache_dir, sha256
+
+    def before_fit(self):
+        learn = self.learn
+        if learn.step > 0 or learn.epoch_offset > 0:
+            return
+        path = resolve(self.weights, self.cache_dir, self.sha256)
+        if path is not None:
+            load_backbone(getattr(learn.model, "module", learn.model), path, self.weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m coursepipe.models.transfer MODEL_PT OUT`: a trained model's backbone.pt."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m coursepipe.models.transfer models/<recipe>/model.pt backbone.pt")
+        return 2
+    print(f"wrote {save_backbone(Path(args[0]), Path(args[1]))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
