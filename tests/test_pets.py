@@ -276,3 +276,13 @@ def test_pets_stages_end_to_end_from_a_local_backbone(project, ray_session, tmp_
     with torch.no_grad():
         expected = [processor["classes"][i] for i in model(x).argmax(1).tolist()]
     assert got["prediction"].tolist() == expected
+
+
+def test_missing_weights_stop_the_train_stage_before_ray_starts(tmp_path):
+    from coursepipe.paths import Paths
+    from coursepipe.stages import train
+
+    cfg = cfg_of(tiny_params("pets", weights=str(tmp_path / "nope.pth")), "pets")
+    # no prepared data and no Ray session: prefetch must fail first, naming the file
+    with pytest.raises(transfer.WeightsError, match="nope.pth"):
+        train.run(cfg, Paths(tmp_path), storage=str(tmp_path / ".runs"))

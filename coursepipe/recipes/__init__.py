@@ -13,6 +13,7 @@ Optional hooks:
   split(df, cfg) -> bool mask of validation rows (default: seeded random prepare.valid_pct)
   after_split(df, cfg) -> df   annotate rows once is_valid is known (e.g. duplicates across splits)
   batches(recipe, processor, df, bs, rank, world, seed, train, cfg) -> callable(epoch) -> batches
+  prefetch(cfg) -> None         driver-side work before Ray starts (download pretrained weights)
   callbacks(cfg) -> extra training-loop callbacks (e.g. reset an RNN's state each epoch)
   evaluate(model, recipe, processor, valid_df, bs, plots_dir, cfg) -> (metrics, main_plot_path)
   PORTABLE = "coursepipe.export.<module>"   standalone predict module for the export

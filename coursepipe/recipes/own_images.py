@@ -283,6 +283,15 @@ def metrics() -> dict:
     return {"accuracy": accuracy}
 
 
+def prefetch(cfg) -> None:
+    """On the driver, before Ray starts: fetch and hash-check the pretrained weights once, so a
+    bad URL or hash is one clear error line instead of a worker failure."""
+    from coursepipe.models.transfer import resolve
+
+    m = cfg.model
+    resolve(m.weights, m.weights_cache, m.weights_sha256)
+
+
 def callbacks(cfg) -> list:
     """Pretrained backbone weights (fresh runs), then seeded batch augmentation on training rows."""
     from coursepipe.models.transfer import LoadPretrained

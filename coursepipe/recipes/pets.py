@@ -20,7 +20,7 @@ from coursepipe.data.archive import deterministic_tgz
 from coursepipe.recipes import own_images as base
 from coursepipe.recipes.own_images import (  # noqa: F401  (the recipe protocol, shared with own_images)
     CATEGORIES, COLUMNS, KIND, MODES, PORTABLE, RANGES, TARGET, build_model, callbacks, evaluate,
-    fit_processor, loss_func, metrics, normalise, splitter, tensors)
+    fit_processor, loss_func, metrics, normalise, prefetch, splitter, tensors)
 
 ROOT = "oxford-iiit-pet/images"
 PATH_REGEX = rf"^{ROOT}/[^/]+$"

@@ -53,6 +53,9 @@ def history_csv(history: list[dict]) -> str:
 def run(cfg: RecipeConfig, paths: Paths, storage: str, verbose: bool = True) -> TrainResult:
     from coursepipe.distributed import ray_train  # Ray is imported only when training
 
+    prefetch = getattr(get_recipe(cfg.name), "prefetch", None)
+    if prefetch is not None:  # e.g. pretrained weights: fail here, in one line, not in a worker
+        prefetch(cfg)
     frame = prepare.load(paths, cfg.name)
     name = run_name(cfg, file_digest(paths.prepared(cfg.name) / prepare.TABLE))
     fit = ray_train.fit(cfg, frame, storage=storage, run_name=name, verbose=verbose)
