@@ -36,10 +36,13 @@ def ray_head():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env=dict(os.environ, RAY_AUTH_MODE="disabled"))
     address, dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 90
-    while time.time() < deadline:  # the job API answers once the dashboard is up
-        probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list",
-                                f"--address={dashboard}"], capture_output=True, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        # ready when a job is accepted: the job list answers before the head's job agent does
+        # ("No available agent to submit job"), so probe with a real, trivial submission
+        probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit",
+                                "--no-wait", f"--address={dashboard}", "--", "true"],
+                               capture_output=True, text=True)
         if probe.returncode == 0:
             break
         time.sleep(2)
