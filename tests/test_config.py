@@ -9,9 +9,8 @@ import pytest
 import yaml
 
 from conftest import REPO, small_params, write_params
-from coursepipe import config
+from coursepipe import config, recipes
 from coursepipe.config import ConfigError
-from coursepipe.recipes import RECIPES
 
 SHA = "0" * 64
 
@@ -25,7 +24,7 @@ def load_error(tmp_path, raw) -> str:
     path = tmp_path / "params.yaml"
     path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(ConfigError) as err:
-        config.load(path)
+        recipes.load_params(path)
     msg = str(err.value)
     assert msg.startswith(str(path)) and "\n" not in msg, msg
     return msg
@@ -34,18 +33,77 @@ def load_error(tmp_path, raw) -> str:
 # ----------------------------------------------------------------------------- good files
 
 def test_every_recipe_builds_from_repo_params():
-    params = config.load(REPO / "params.yaml")
-    assert set(RECIPES) <= set(params.recipes), "every registered recipe needs a params.yaml section"
-    for name in RECIPES:
-        cfg = params.recipe(name)
+    params = recipes.load_params(REPO / "params.yaml")
+    assert set(recipes.names()) == set(params.recipes), "every recipe module needs a params.yaml section"
+    for name in recipes.names():
+        cfg, recipe = params.recipe(name), recipes.get(name)
         assert cfg.name == name and cfg.source in cfg.sources
         assert cfg.train.epochs >= 1 and 0 < cfg.prepare.valid_pct < 1
+        assert isinstance(cfg.model, recipe.model_config)
+        assert isinstance(cfg.prepare, recipe.prepare_config) and isinstance(cfg.evaluate, recipe.evaluate_config)
 
 
 def test_small_params_load(tmp_path):
-    cfg = config.load(write_params(tmp_path, small_params(rows=123))).recipe("adult")
+    cfg = recipes.load_params(write_params(tmp_path, small_params(rows=123))).recipe("adult")
     assert cfg.active_source.rows == 123 and cfg.train.num_workers == 1
     assert cfg.train.moms == (0.95, 0.85, 0.95) and isinstance(cfg.model.layers, tuple)
+
+
+# ----------------------------------------------------------------------------- defaults
+
+def test_defaults_fill_a_section_and_the_recipe_wins(tmp_path):
+    raw = small_params()
+    raw["defaults"]["train"]["wd"] = 0.05
+    adult(raw)["train"] = {"lr": 0.03}
+    cfg = recipes.load_params(write_params(tmp_path, raw)).recipe("adult")
+    assert cfg.train.wd == 0.05 and cfg.train.lr == 0.03
+    with config.recording() as reads:
+        _ = cfg.train.wd, cfg.train.lr, cfg.model.layers, cfg.active_source.rows
+    # each value is recorded under the key it came from: what dvc.yaml must declare
+    assert reads == {"defaults.train.wd", "recipes.adult.train.lr", "recipes.adult.model.layers",
+                     "recipes.adult.source", "recipes.adult.sources.synthetic.rows"}
+
+
+def test_a_value_missing_from_both_is_named(tmp_path):
+    raw = small_params()
+    del raw["defaults"]["train"]["sqr_mom"]
+    assert "recipes.adult.train: missing required key 'sqr_mom'" in load_error(tmp_path, raw)
+
+
+def test_a_missing_section_says_to_write_it_empty(tmp_path):
+    raw = small_params()
+    del adult(raw)["evaluate"]
+    msg = load_error(tmp_path, raw)
+    assert "recipes.adult: missing required key 'evaluate'" in msg and "evaluate: {}" in msg
+
+
+@pytest.mark.parametrize("section,key,path", [
+    ("train", "epoch", "defaults.train.epoch"),        # a typo
+    ("prepare", "bad_images", "defaults.prepare.bad_images"),  # a kind's own key: per recipe
+    ("model", "layers", "defaults.model"),            # the model section is the recipe's own
+])
+def test_defaults_take_only_base_section_keys(tmp_path, section, key, path):
+    raw = small_params()
+    raw["defaults"].setdefault(section, {})[key] = 1
+    assert path in load_error(tmp_path, raw)
+
+
+def test_a_bad_default_is_named_by_its_defaults_key(tmp_path):
+    raw = small_params()
+    raw["defaults"]["train"]["lr_mult"] = 0.5
+    assert "defaults.train.lr_mult: must be >= 1" in load_error(tmp_path, raw)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_rejected(tmp_path, value):
+    raw = edit(["recipes", "adult", "train"], "lr", value)(small_params())
+    msg = load_error(tmp_path, raw)
+    assert "recipes.adult.train.lr: expected a finite number" in msg
+
+
+def test_negative_weight_decay_is_rejected(tmp_path):
+    msg = load_error(tmp_path, edit(["recipes", "adult", "train"], "wd", -0.1)(small_params()))
+    assert "recipes.adult.train.wd: must be >= 0" in msg
 
 
 # ----------------------------------------------------------------------------- malformed files
@@ -62,7 +120,7 @@ def test_not_a_params_mapping(tmp_path, text):
 
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: not found"):
-        config.load(tmp_path / "nope.yaml")
+        recipes.load_params(tmp_path / "nope.yaml")
 
 
 def edit(section: list[str], key, value):
@@ -91,6 +149,7 @@ def edit(section: list[str], key, value):
     (edit(["recipes", "adult", "train"], "moms", [0.9, 0.8]), "recipes.adult.train.moms"),
     (edit(["recipes", "adult", "train"], "use_gpu", "yes"), "recipes.adult.train.use_gpu"),
     (edit(["recipes", "adult", "train"], "bs", None), "recipes.adult.train.bs"),
+    (edit(["recipes", "adult", "model"], "use_bn", None), "recipes.adult.model.use_bn"),
     (edit(["recipes", "adult", "model"], "layers", [200, "x"]), "recipes.adult.model.layers[1]"),
     (edit(["recipes", "adult"], "train", [1, 2]), "recipes.adult.train"),
     (edit(["recipes", "adult", "validate"], "result_format", "BRIEF"), "recipes.adult.validate.result_format"),
@@ -140,7 +199,7 @@ def test_two_locations_in_one_source(tmp_path):
 
 
 def test_unknown_recipe_name_on_lookup(tmp_path):
-    params = config.load(write_params(tmp_path, small_params()))
+    params = recipes.load_params(write_params(tmp_path, small_params()))
     with pytest.raises(ConfigError, match="'pets'.*adult"):
         params.recipe("pets")
 

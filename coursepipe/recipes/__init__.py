@@ -1,41 +1,77 @@
-"""Recipe registry: one module per course task, imported only when asked for.
+"""Recipes: one module per course task, coursepipe/recipes/<name>.py, each declaring `RECIPE`
+(a coursepipe.contract.Recipe). A recipe's name is its module's name and its key under `recipes:`
+in params.yaml, so adding a recipe edits no list. Modules are imported only when asked for.
 
-A recipe module declares, and nothing else (see recipes/adult.py):
-  KIND, ModelConfig (frozen dataclass: the params.yaml `model:` section)
-  synthesize(rows, seed) -> bytes        the offline sample archive, in the course's layout
-  read_raw(extracted_dir) -> DataFrame, normalise(df) -> DataFrame      used by prepare
-  fit_processor(train_df, model_cfg) -> dict (JSON-able; travels into checkpoints and the export)
-  tensors(processor, df) -> (inputs..., target)
-  build_model(processor, model_cfg), splitter(model) -> param groups, loss_func(), metrics()
-  schema for the validation suite: COLUMNS, CATEGORIES, RANGES, TARGET (+ CLASSES if classifying);
-  optional extra_expectations(validate_cfg) -> [(gx expectation type, kwargs), ...]
-Optional hooks:
-  split(df, cfg) -> bool mask of validation rows (default: seeded random prepare.valid_pct)
-  after_split(df, cfg) -> df   annotate rows once is_valid is known (e.g. duplicates across splits)
-  batches(recipe, processor, df, bs, rank, world, seed, train, cfg) -> callable(epoch) -> batches
-  prefetch(cfg) -> None         driver-side work before Ray starts (download pretrained weights)
-  callbacks(cfg) -> extra training-loop callbacks (e.g. reset an RNN's state each epoch)
-  evaluate(model, recipe, processor, valid_df, bs, plots_dir, cfg) -> (metrics, main_plot_path)
-  PORTABLE = "coursepipe.export.<module>"   standalone predict module for the export
+Only the doors (cli.py, flows/, tests) call this; stages receive the recipe object.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import importlib.util
+import pkgutil
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
-# name -> module. A recipe module declares ModelConfig, its data layout and its model parts.
-RECIPES: dict[str, str] = {
-    "adult": "coursepipe.recipes.adult",
-    "human_numbers": "coursepipe.recipes.human_numbers",
-    "movielens": "coursepipe.recipes.movielens",
-    "mnist": "coursepipe.recipes.mnist",
-    "pets": "coursepipe.recipes.pets",
-    "own_images": "coursepipe.recipes.own_images",
-}
+from coursepipe.contract import ContractError, Recipe
+
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def get_recipe(name: str) -> ModuleType:
-    if name not in RECIPES:
-        from coursepipe.config import ConfigError
-        raise ConfigError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
-    return importlib.import_module(RECIPES[name])
+def names() -> list[str]:
+    """Every recipe module in this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if NAME.match(m.name))
+
+
+def exists(name: str) -> bool:
+    return bool(isinstance(name, str) and NAME.match(name)) and \
+        importlib.util.find_spec(f"{__name__}.{name}") is not None
+
+
+def get(name: str) -> Recipe:
+    """The recipe object of coursepipe/recipes/<name>.py."""
+    from coursepipe.config import ConfigError
+
+    if not exists(name):
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {names()}")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except (ContractError, TypeError) as e:  # RECIPE = Recipe(...) missing a field, a bad kind
+        raise ContractError(f"coursepipe/recipes/{name}.py: {e}") from e
+    recipe = getattr(module, "RECIPE", None)
+    if not isinstance(recipe, Recipe):
+        raise ContractError(f"{module.__name__}: RECIPE must be a coursepipe.contract.Recipe, got {recipe!r}")
+    if recipe.name != name:
+        raise ContractError(f"{module.__name__}: RECIPE.name is {recipe.name!r}, expected {name!r}")
+    return recipe
+
+
+class Registry(Mapping):
+    """name -> Recipe, importing a recipe's module on first use (what config.parse needs)."""
+
+    def __getitem__(self, name: str) -> Recipe:
+        if not exists(name):
+            raise KeyError(name)
+        return get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and exists(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(names())
+
+
+def load_params(path: str | Path):
+    """params.yaml typed by every recipe it names, with each recipe's cross-section checks."""
+    from coursepipe import config
+
+    params = config.load(path, Registry())
+    for name, cfg in params.recipes.items():
+        try:
+            get(name).check_config(cfg)
+        except config.ConfigError as e:
+            raise config.ConfigError(f"{path}: {e}") from None
+    return params
