@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from coursepipe.export.portable import NA, _as_str, preprocess
+from coursepipe.export.portable_tabular import NA, _as_str, preprocess
 
 
 def fit_processor(train: pd.DataFrame, cat_names, cont_names, target: str, classes) -> dict:

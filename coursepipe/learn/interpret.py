@@ -1,7 +1,8 @@
 """Interpretation for any classification recipe: metrics from predictions, confusion matrix, plots.
 
-Pure functions of (actual, predicted) class indices and class names; no file I/O, no pyplot
-state (figures are drawn on an Agg canvas and returned as PNG bytes).
+Pure functions of (actual, predicted) class indices and class names, no pyplot state (figures are
+drawn on an Agg canvas and returned as PNG bytes); `report_classification` at the end is the one
+function that writes files: the report every classifying kind's evaluate starts from.
 """
 from __future__ import annotations
 
@@ -87,3 +88,24 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str = "Confusi
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+CONFUSION_PNG = "confusion_matrix.png"
+CONFUSION_CSV = "confusion_matrix.csv"
+
+
+def report_classification(run, inputs: tuple, y, classes: Sequence[str], loss_func):
+    """(metrics, logits, confusion matrix) of a classifier on the validation tensors; writes the
+    confusion matrix PNG and its `actual,predicted` CSV (DVC's confusion template) into run.plots."""
+    from coursepipe.io import write_bytes, write_text
+    from coursepipe.learn.infer import mean_loss, predict_logits
+
+    logits = predict_logits(run.model, inputs, run.config.bs)
+    actual, predicted = y.numpy(), logits.argmax(1).numpy()
+    metrics = classification_metrics(actual, predicted, classes)
+    metrics["valid_loss"] = mean_loss(loss_func, logits, y, run.config.bs)
+    cm = confusion_matrix(actual, predicted, len(classes))
+    write_bytes(run.plots / CONFUSION_PNG, plot_confusion(
+        cm, classes, title=f"{run.name}: confusion matrix (n={len(actual)})"))
+    write_text(run.plots / CONFUSION_CSV, confusion_csv(actual, predicted, classes))
+    return metrics, logits, cm

@@ -6,15 +6,15 @@ Course result: accuracy 0.82 (lesson 4); fastai 2.8.12 reaches 0.833 after one e
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from coursepipe.contract import Recipe, Schema
 from coursepipe.data.archive import deterministic_tgz
+from coursepipe.kinds.tabular import TabularClassification, TabularModel
 
-KIND = "tabular_classification"
 CSV_MEMBER = "adult_sample/adult.csv"
 TARGET = "salary"
 CLASSES = ("<50k", ">=50k")
@@ -53,32 +53,9 @@ COLUMNS = ("age", "workclass", "fnlwgt", "education", "education-num", "marital-
            "hours-per-week", "native-country", TARGET)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Lesson 4's tabular_learner: embeddings + continuous inputs -> [200, 100] -> 2 classes."""
-    cat_names: tuple[str, ...] = ("workclass", "education", "marital-status", "occupation",
-                                  "relationship", "race")
-    cont_names: tuple[str, ...] = ("age", "fnlwgt", "education-num")
-    layers: tuple[int, ...] = (200, 100)
-    ps: tuple[float, ...] = (0.001, 0.01)   # dropout after each hidden layer
-    emb_drop: float = 0.04                  # dropout on the concatenated embeddings
-    use_bn: bool = True
-
-    def __post_init__(self):
-        from coursepipe.config import ConfigError
-        for col in self.cat_names:
-            if col not in CATEGORIES:
-                raise ConfigError(f"cat_names: {col!r} is not a categorical column of adult.csv")
-        for col in self.cont_names:
-            if col not in RANGES:
-                raise ConfigError(f"cont_names: {col!r} is not a continuous column of adult.csv")
-        if len(self.ps) != len(self.layers):
-            raise ConfigError(f"ps has {len(self.ps)} entries for {len(self.layers)} layers")
-
-
 # ----------------------------------------------------------------------------- raw data
 
-def read_raw(extracted: Path) -> pd.DataFrame:
+def read_raw(extracted: Path, p=None) -> pd.DataFrame:
     """Read adult.csv from an extracted archive and normalise both known variants.
 
     fastai's own file keeps UCI's leading spaces and `?` as a category; the cleaned UCI file has
@@ -162,41 +139,18 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
     for col, frac in (("workclass", 0.056), ("occupation", 0.057), ("native-country", 0.018)):
         df.loc[rng.random(rows) < frac, col] = None
     buf = io.StringIO()
-    buf.write("")
     df.to_csv(buf, index=False)
     return deterministic_tgz({CSV_MEMBER: buf.getvalue().encode()})
 
 
-# ----------------------------------------------------------------------------- learner parts
+# ----------------------------------------------------------------------------- the recipe
 
-def fit_processor(train: pd.DataFrame, model: ModelConfig) -> dict:
-    from coursepipe.data.tabular import fit_processor as fit
-    return fit(train, model.cat_names, model.cont_names, TARGET, CLASSES)
-
-
-def tensors(processor: dict, df: pd.DataFrame):
-    """(x_cat, x_cont, y) tensors for the rows of df."""
-    from coursepipe.data.tabular import to_tensors
-    return to_tensors(processor, df)
-
-
-def build_model(processor: dict, model: ModelConfig):
-    from coursepipe.data.tabular import cardinalities
-    from coursepipe.models.tabular import TabularModel
-    return TabularModel(cardinalities(processor), len(processor["cont_names"]), len(CLASSES),
-                        layers=model.layers, ps=model.ps, emb_drop=model.emb_drop, use_bn=model.use_bn)
-
-
-def splitter(model):
-    from coursepipe.models.tabular import splitter as split
-    return split(model)
-
-
-def loss_func():
-    import torch
-    return torch.nn.CrossEntropyLoss()
-
-
-def metrics() -> dict:
-    from coursepipe.learn.loop import accuracy
-    return {"accuracy": accuracy}
+RECIPE = Recipe(
+    name="adult",
+    kind=TabularClassification(),
+    schema=Schema(columns=COLUMNS, target=TARGET, categories=CATEGORIES, ranges=RANGES, classes=CLASSES),
+    model_config=TabularModel,
+    synthesize=synthesize,
+    read_raw=read_raw,
+    normalise=normalise,
+)

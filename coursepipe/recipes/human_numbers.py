@@ -9,16 +9,15 @@ Course result: next-token accuracy 0.807 (2-layer GRU); fastai 2.8.12 reaches 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from coursepipe.contract import Recipe, Schema
 from coursepipe.data.archive import deterministic_tgz
+from coursepipe.kinds.language_model import LanguageModel, LMModel
 
-KIND = "language_model"
-PORTABLE = "coursepipe.export.portable_lm"
 FILES = {"train": "human_numbers/train.txt", "valid": "human_numbers/valid.txt"}
 TRAIN_LAST, LAST = 8_000, 9_999   # train.txt holds 1..8000, valid.txt 8001..9999
 
@@ -34,34 +33,6 @@ TARGET = "text"                   # a language model's target is its own text, o
 COLUMNS = ("text", "number", "file")
 CATEGORIES = {"file": ("train", "valid")}
 RANGES = {"number": (1, LAST)}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The lesson's models (arch) and the language-model data they read."""
-    arch: str = "gru"          # rnn3 | rnn_loop | rnn_seq | rnn_stateful | nn_rnn | gru
-    nh: int = 64               # hidden size
-    n_layers: int = 2          # GRU layers (nn_rnn uses 1, as in the lesson)
-    seq_len: int = 16          # bptt: tokens per batch (rnn3 always reads 3)
-    valid_bs: int = 64         # validation streams; the lesson validates with the training bs
-    bptt_jitter: bool = False  # fastai v1's random batch lengths (train only)
-    p_half: float = 0.05       # jitter: chance a batch is centred on seq_len / 2
-    jitter_std: float = 5.0    # jitter: normal spread of the length, tokens
-    min_len: int = 5           # jitter: shortest batch, tokens
-    sep: str = ","             # token between numbers (the course notebook's ', ' join)
-    min_freq: int = 3          # vocabulary: rarer words become xxunk
-    max_vocab: int = 60_000
-
-    def __post_init__(self):
-        from coursepipe.config import ConfigError
-        from coursepipe.models.rnn import ARCHS
-        if self.arch not in ARCHS:
-            raise ConfigError(f"arch: {self.arch!r} is not one of {list(ARCHS)}")
-        for name in ("nh", "n_layers", "seq_len", "valid_bs", "min_len", "min_freq", "max_vocab"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.arch == "rnn3" and self.seq_len != 3:
-            raise ConfigError(f"seq_len must be 3 for arch rnn3 (three tokens in), got {self.seq_len}")
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -108,7 +79,7 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
                               for k, r in lines.items()})
 
 
-def read_raw(extracted: Path) -> pd.DataFrame:
+def read_raw(extracted: Path, p=None) -> pd.DataFrame:
     """One row per line of train.txt then valid.txt: text (as written) and file."""
     frames = []
     for file, member in FILES.items():
@@ -131,90 +102,33 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     return out[list(COLUMNS)]
 
 
-def split(df: pd.DataFrame, cfg) -> np.ndarray:
+def split(df: pd.DataFrame, p=None) -> np.ndarray:
     """valid.txt is the validation set (the course's split), not a random sample."""
     return (df["file"] == "valid").to_numpy()
 
 
-def extra_expectations(v) -> list:
-    """Row counts 8000 / 1999, every number once, only number words."""
+def expectations(v) -> list:
+    """Row counts 8000 / 1999, every number once (the schema's pattern: only number words)."""
     by_file = [("expect_column_values_to_be_between",
                 {"column": "number", "min_value": lo, "max_value": hi,
                  "row_condition": f'file=="{f}"', "condition_parser": "pandas"})
                for f, lo, hi in (("train", 1, TRAIN_LAST), ("valid", TRAIN_LAST + 1, LAST))]
     return [("expect_table_row_count_to_equal", {"value": LAST}),
-            ("expect_column_values_to_match_regex", {"column": "text", "regex": WORDS_REGEX}),
             ("expect_column_values_to_be_unique", {"column": "number"}),
             *by_file]
 
 
-# ----------------------------------------------------------------------------- learner parts
+# ----------------------------------------------------------------------------- the recipe
 
-def fit_processor(train: pd.DataFrame, model: ModelConfig) -> dict:
-    """The vocabulary of the training document, and what the export needs to rebuild windows."""
-    from coursepipe.models.rnn import LAST_STEP
-    from coursepipe.text.tokenizer import document, make_vocab, tokenize
-
-    itos = make_vocab(tokenize(document(train[TARGET], model.sep)), model.min_freq, model.max_vocab)
-    return {"itos": itos, "sep": model.sep, "text_column": TARGET,
-            "seq_len": 3 if model.arch == "rnn3" else model.seq_len,
-            "arch": model.arch, "last_step": model.arch in LAST_STEP}
-
-
-def tensors(processor: dict, df: pd.DataFrame):
-    """(x, y): consecutive windows of the rows' token stream, each (N, seq_len) int64."""
-    import torch
-    from coursepipe.text.tokenizer import stream, windows
-
-    x, y = windows(stream(processor, df[TARGET]), processor["seq_len"])
-    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
-
-
-def batches(recipe, processor: dict, df: pd.DataFrame, bs: int, rank: int, world: int, seed: int,
-            train: bool, cfg=None):
-    """Contiguous LM streams: each rank reads its own slice of the stream (not interleaved rows)."""
-    import torch
-    from coursepipe.text.lm_data import Jitter, LMBatches
-    from coursepipe.text.tokenizer import stream
-
-    m: ModelConfig = cfg.model
-    ids = torch.from_numpy(stream(processor, df[TARGET]))
-    # jitter only where the model reads any length (not the fixed-window rnn3 / rnn_loop)
-    jitter = Jitter(m.p_half, m.jitter_std, m.min_len) \
-        if train and m.bptt_jitter and not processor["last_step"] else None
-    # the loop hands validation bs * 4; the lesson validates stateful streams at the training bs
-    return LMBatches(ids, bs if train else m.valid_bs, processor["seq_len"], rank, world, seed,
-                     jitter=jitter, full_only=processor["last_step"])
-
-
-def build_model(processor: dict, model: ModelConfig):
-    from coursepipe.models.rnn import build
-    return build(model.arch, len(processor["itos"]), model.nh, model.n_layers)
-
-
-def splitter(model):
-    return [list(model.parameters())]
-
-
-def loss_func():
-    from coursepipe.models.rnn import lm_loss
-    return lm_loss
-
-
-def metrics() -> dict:
-    from coursepipe.models.rnn import lm_accuracy
-    return {"accuracy": lm_accuracy}
-
-
-def callbacks(cfg) -> list:
-    """Stateful models: carry the state across batches, forgotten at each epoch and validation."""
-    from coursepipe.models.rnn import STATEFUL
-    from coursepipe.text.callbacks import ResetState
-    return [ResetState()] if cfg.model.arch in STATEFUL else []
-
-
-def evaluate(model, recipe, processor: dict, valid: pd.DataFrame, bs: int, plots: Path, cfg):
-    """Next-token accuracy, loss, perplexity (stateful streams, as in training) + a PNG."""
-    from coursepipe.text.evaluate import evaluate_lm
-    return evaluate_lm(model, processor, batches(recipe, processor, valid, bs, 0, 1, 0, False, cfg),
-                       tensors(processor, valid), plots, title=f"{cfg.name} ({cfg.model.arch})")
+RECIPE = Recipe(
+    name="human_numbers",
+    kind=LanguageModel(),
+    schema=Schema(columns=COLUMNS, target=TARGET, categories=CATEGORIES, ranges=RANGES,
+                  patterns={"text": WORDS_REGEX}),
+    model_config=LMModel,
+    synthesize=synthesize,
+    read_raw=read_raw,
+    normalise=normalise,
+    split=split,
+    expectations=expectations,
+)

@@ -1,11 +1,10 @@
 """pets (lessons 1, 6): 37 cat and dog breeds by transfer learning, label from the file name.
 
-Layout (fastai URLs.PETS): oxford-iiit-pet/images/<Breed>_<n>.jpg; `model.label_regex` (one
-group) takes the label from the file name, as lesson 1's `from_name_re`. Files whose name does
-not match are bad images under the same declared policy as unreadable or too small ones
-(recipes/own_images.py: excluded and listed, or prepare stops); a regex that matches no file at
-all stops prepare. Seeded random split (prepare.valid_pct). Course result: error 0.062
-(ResNet-34, ImageNet weights), 0.044 (ResNet-50).
+Layout (fastai URLs.PETS): oxford-iiit-pet/images/<Breed>_<n>.jpg; `prepare.label_regex` (one
+group) takes the label from the file name, as lesson 1's `from_name_re`. A file whose name does
+not match is a bad image under the kind's declared policy (coursepipe/kinds/image.py: excluded
+and listed, or prepare stops); a regex that matches no file at all stops prepare. Seeded random
+split (prepare.valid_pct). Course result: error 0.062 (ResNet-34, ImageNet weights), 0.044 (ResNet-50).
 """
 from __future__ import annotations
 
@@ -16,24 +15,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from coursepipe.config import ConfigError
+from coursepipe.contract import Recipe, Schema
 from coursepipe.data.archive import deterministic_tgz
-from coursepipe.recipes import own_images as base
-from coursepipe.recipes.own_images import (  # noqa: F401  (the recipe protocol, shared with own_images)
-    CATEGORIES, COLUMNS, KIND, MODES, PORTABLE, RANGES, TARGET, build_model, callbacks, evaluate,
-    fit_processor, loss_func, metrics, normalise, prefetch, splitter, tensors)
+from coursepipe.kinds.image import TARGET, ImageClassification, ImagePrepare, PretrainedNet, manifest_table
+from coursepipe.vision.synthetic import COLOURS, encode, shape_image
 
 ROOT = "oxford-iiit-pet/images"
 PATH_REGEX = rf"^{ROOT}/[^/]+$"
+COLUMNS = ("path", "label", "width", "height", "mode", "decodable", "decode_error", "sha256",
+           "excluded", "duplicate", "class_images", "image")
 
 
 @dataclass(frozen=True)
-class ModelConfig(base.ModelConfig):
-    """own_images' model section plus the file-name rule."""
-    label_regex: str = r"^(.+)_\d+\.jpg$"   # group 1 of a match on the file name is the label
+class PetsPrepare(ImagePrepare):
+    """The image kind's prepare section plus the file-name rule."""
+    label_regex: str                    # group 1 of a match on the file name is the label
 
     def __post_init__(self):
-        from coursepipe.config import ConfigError
-
         super().__post_init__()
         try:
             groups = re.compile(self.label_regex).groups
@@ -43,43 +42,39 @@ class ModelConfig(base.ModelConfig):
             raise ConfigError(f"label_regex: {self.label_regex!r} needs a group (the label)")
 
 
-def read_raw(extracted: Path) -> pd.DataFrame:
-    """The manifest of every image under oxford-iiit-pet/images/ (labels come in split())."""
-    from coursepipe.vision.manifest import image_files, manifest
-
-    folder = extracted / ROOT
-    if not folder.is_dir():
-        top = sorted(p.name for p in extracted.iterdir())[:5]
-        raise FileNotFoundError(f"archive has no {ROOT}/ folder (top level: {top or 'empty'})")
-    files = image_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{ROOT}/ holds no image files")
-    return manifest([(p, "") for p in files], extracted)
-
-
 def labels(paths: pd.Series, regex: str) -> pd.Series:
     """Group 1 of `regex` on each file name; '' where it does not match."""
     pat = re.compile(regex)
     return paths.map(lambda p: (m.group(1) if (m := pat.search(p.rsplit("/", 1)[-1])) else ""))
 
 
-def split(df: pd.DataFrame, cfg) -> np.ndarray:
-    """Label every file by model.label_regex, apply the bad-image policy, seeded random split."""
-    regex = cfg.model.label_regex
-    df[TARGET] = labels(df["path"], regex).to_numpy()
+def read_raw(extracted: Path, p: PetsPrepare) -> pd.DataFrame:
+    """The manifest of every image under oxford-iiit-pet/images/, labelled by prepare.label_regex;
+    a file whose name does not match is excluded, naming the rule."""
+    from coursepipe.vision.manifest import image_files
+
+    folder = extracted / ROOT
+    if not folder.is_dir():
+        top = sorted(f.name for f in extracted.iterdir())[:5]
+        raise FileNotFoundError(f"archive has no {ROOT}/ folder (top level: {top or 'empty'})")
+    files = image_files(folder)
+    if not files:
+        raise FileNotFoundError(f"{ROOT}/ holds no image files")
+    df = manifest_table([(f, "") for f in files], extracted)
+    df[TARGET] = labels(df["path"], p.label_regex).to_numpy()
     named = df[TARGET] != ""
     if not named.any():
-        sample = [p.rsplit("/", 1)[-1] for p in df["path"].head(3)]
-        raise ValueError(f"prepare@{cfg.name}: model.label_regex '{regex}' matches none of the "
+        sample = [f.name for f in files[:3]]
+        raise ValueError(f"prepare@pets: prepare.label_regex '{p.label_regex}' matches none of the "
                          f"{len(df)} file names in {ROOT}/ (e.g. {sample})")
-    reasons = base.bad_reasons(df, cfg.model.min_size)
-    unnamed = df["path"] + f": file name does not match label_regex '{regex}'"
-    reasons = reasons.mask((reasons == "") & ~named, unnamed)
-    return base.apply_policy(df, cfg, reasons)
+    unnamed = df["path"] + f": file name does not match label_regex '{p.label_regex}'"
+    df["excluded"] = df["excluded"].mask((df["excluded"] == "") & ~named, unnamed)
+    return df
 
 
-def extra_expectations(v) -> list:
-    return base.extra_expectations(v, PATH_REGEX)
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """The manifest's columns in the schema's order."""
+    return df[list(COLUMNS)]
 
 
 # pets-like classes: the label needs both cues (shape and colour), as a breed needs several
@@ -95,7 +90,19 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
     files = {}
     for i in range(rows):
         shape, colour = SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)]
-        im = base.shape_image(shape, base.COLOURS[colour], rng)
-        files[f"{ROOT}/synthetic-{colour}-{shape}_{i}.jpg"] = base.encode(im, "JPEG")
+        im = shape_image(shape, COLOURS[colour], rng)
+        files[f"{ROOT}/synthetic-{colour}-{shape}_{i}.jpg"] = encode(im, "JPEG")
     files["oxford-iiit-pet/SYNTHETIC.txt"] = b"Generated by coursepipe: coloured shapes, not pets.\n"
     return deterministic_tgz(files)
+
+
+RECIPE = Recipe(
+    name="pets",
+    kind=ImageClassification(),
+    schema=Schema(columns=COLUMNS, target=TARGET, patterns={"path": PATH_REGEX}),
+    model_config=PretrainedNet,
+    prepare_config=PetsPrepare,
+    synthesize=synthesize,
+    read_raw=read_raw,
+    normalise=normalise,
+)

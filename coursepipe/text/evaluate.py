@@ -31,7 +31,7 @@ def stream_scores(model, batches) -> tuple[float, float, int]:
 
 
 @torch.no_grad()
-def position_accuracy(model, x: torch.Tensor, y: torch.Tensor, bs: int = 512) -> torch.Tensor:
+def position_accuracy(model, x: torch.Tensor, y: torch.Tensor, bs: int) -> torch.Tensor:
     """Accuracy at each window position from a zero state (what the export computes)."""
     model.eval()
     preds = torch.cat([model(x[i:i + bs]).argmax(-1) for i in range(0, len(x), bs)])
@@ -59,11 +59,11 @@ def plot_positions(acc_zero: torch.Tensor, acc_stream: float, title: str) -> byt
     return buf.getvalue()
 
 
-def evaluate_lm(model, processor: dict, batches, windows, plots: Path, title: str):
+def evaluate_lm(model, processor: dict, batches, windows, plots: Path, title: str, bs: int):
     """(metrics, plot path) for a language model on the validation stream."""
     acc, loss, n = stream_scores(model, batches)
     x, y = windows
-    by_pos = position_accuracy(model, x, y)
+    by_pos = position_accuracy(model, x, y, bs)
     metrics = {"accuracy": acc, "valid_loss": loss, "perplexity": math.exp(loss), "tokens": n,
                "accuracy_zero_state": float(by_pos.mean()),
                "vocab_size": len(processor["itos"])}

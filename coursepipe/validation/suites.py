@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from coursepipe.config import ConfigError, RecipeConfig, Validate
+from coursepipe.contract import Recipe, Spec
 from coursepipe.paths import Paths
-from coursepipe.recipes import get_recipe
 
 SPLIT = "is_valid"          # bool column the prepare stage adds: True for validation rows
 NUMERIC_TYPES = ("float64", "float32", "int64", "int32", "Float64", "Int64")
 DATASOURCE = "pandas"       # one in-memory pandas datasource; each recipe is an asset of it
 BATCH = "whole"             # the whole prepared table is one batch
 
-Spec = tuple[str, dict[str, Any]]   # (expectation type, kwargs)
 
 
 # ----------------------------------------------------------------------------- the rules (pure)
@@ -35,45 +32,48 @@ def null_tolerance(v: Validate, column: str) -> float:
     return v.max_null_by_column.get(column, v.max_null)
 
 
-def expectation_specs(recipe: ModuleType, v: Validate) -> list[Spec]:
-    """Every rule for a prepared tabular table: columns, row count, then each column in file order."""
-    columns = list(recipe.COLUMNS) + [SPLIT]
-    unknown = sorted(set(v.max_null_by_column) - set(recipe.COLUMNS))
+def expectation_specs(recipe: Recipe, v: Validate) -> list[Spec]:
+    """Every rule for a prepared table: the schema's generic ones (columns, row count, then each
+    column in order: nulls, type and range, vocabulary, pattern, classes), the kind's, the recipe's."""
+    schema = recipe.schema
+    columns = list(schema.columns) + [SPLIT]
+    unknown = sorted(set(v.max_null_by_column) - set(schema.columns))
     if unknown:
-        raise ConfigError(f"validate.max_null_by_column: {unknown} are not columns of "
-                          f"{getattr(recipe, 'CSV_MEMBER', recipe.__name__)}")
-    if recipe.TARGET in v.max_null_by_column:
-        raise ConfigError(f"validate.max_null_by_column: the target {recipe.TARGET!r} may not be missing")
+        raise ConfigError(f"validate.max_null_by_column: {unknown} are not columns of {recipe.name}'s "
+                          f"prepared table {list(schema.columns)}")
+    if schema.target in v.max_null_by_column:
+        raise ConfigError(f"validate.max_null_by_column: the target {schema.target!r} may not be missing")
     specs: list[Spec] = [
         ("expect_table_columns_to_match_set", {"column_set": columns, "exact_match": True}),
         ("expect_table_row_count_to_be_between", {"min_value": v.min_rows}),
     ]
     for col in columns:
         # the target and the split are never missing, whatever the default tolerance says
-        tol = 0.0 if col in (recipe.TARGET, SPLIT) else null_tolerance(v, col)
+        tol = 0.0 if col in (schema.target, SPLIT) else null_tolerance(v, col)
         specs.append(("expect_column_values_to_not_be_null", {"column": col, **_mostly(tol)}))
-        if col in recipe.RANGES:
-            lo, hi = recipe.RANGES[col]
+        if col in schema.ranges:
+            lo, hi = schema.ranges[col]
             specs.append(("expect_column_values_to_be_in_type_list",
                           {"column": col, "type_list": list(NUMERIC_TYPES)}))
             specs.append(("expect_column_values_to_be_between",
                           {"column": col, "min_value": lo, "max_value": hi}))
-        if col in recipe.CATEGORIES:
+        if col in schema.categories:
             specs.append(("expect_column_values_to_be_in_set",
-                          {"column": col, "value_set": list(recipe.CATEGORIES[col]),
+                          {"column": col, "value_set": list(schema.categories[col]),
                            **_mostly(v.unknown_category)}))
-        if col == recipe.TARGET and getattr(recipe, "CLASSES", None):  # classifiers only
+        if col in schema.patterns:
+            specs.append(("expect_column_values_to_match_regex",
+                          {"column": col, "regex": schema.patterns[col]}))
+        if col == schema.target and schema.classes:  # classifiers with fixed classes
             specs.append(("expect_column_values_to_be_in_set",
-                          {"column": col, "value_set": list(recipe.CLASSES)}))
+                          {"column": col, "value_set": list(schema.classes)}))
             # a class that never occurs cannot be learned
             specs.append(("expect_column_distinct_values_to_contain_set",
-                          {"column": col, "value_set": list(recipe.CLASSES)}))
+                          {"column": col, "value_set": list(schema.classes)}))
         if col == SPLIT:  # training needs rows on both sides of the split
             specs.append(("expect_column_distinct_values_to_contain_set",
                           {"column": col, "value_set": [False, True]}))
-    # kind-specific rules (unique pairs, integer ids, ...) from the recipe's own hook
-    specs += list(getattr(recipe, "extra_expectations", lambda _v: [])(v))
-    return specs
+    return specs + recipe.kind.expectations(recipe, v) + list(recipe.expectations(v))
 
 
 def spec_key(expectation) -> str:
@@ -85,15 +85,16 @@ def spec_key(expectation) -> str:
 
 # ----------------------------------------------------------------------------- GX objects
 
-def build_suite(cfg: RecipeConfig):
+def build_suite(cfg: RecipeConfig, recipe: Recipe):
     """The recipe's suite as a GX ExpectationSuite (not saved)."""
     import great_expectations as gx
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    specs = expectation_specs(get_recipe(cfg.name), cfg.validate)
+    specs = expectation_specs(recipe, cfg.validate)
     expectations = [ExpectationConfiguration(type=t, kwargs=kw).to_domain_obj() for t, kw in specs]
     meta = {"generated_by": f"coursepipe gx-init {cfg.name}",
-            "from": f"coursepipe/recipes/{cfg.name}.py schema + params.yaml recipes.{cfg.name}.validate"}
+            "from": f"coursepipe/recipes/{cfg.name}.py schema, kind {recipe.kind.name} + "
+                    f"params.yaml recipes.{cfg.name}.validate"}
     return gx.ExpectationSuite(name=cfg.name, expectations=expectations, meta=meta)
 
 
@@ -151,13 +152,13 @@ def checkpoint(ctx, suite, result_format: str):
         result_format={"result_format": result_format}))
 
 
-def init_suite(cfg: RecipeConfig, paths: Paths) -> Path:
+def init_suite(cfg: RecipeConfig, recipe: Recipe, paths: Paths) -> Path:
     """Write <root>/gx (config, suite, checkpoint) for a recipe; rerunning with the same params changes nothing."""
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = open_context(paths.root)
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     ctx.variables.save()  # persisted, so every later context (and the committed yml) is quiet
-    suite = save_suite(ctx, build_suite(cfg))
+    suite = save_suite(ctx, build_suite(cfg, recipe))
     checkpoint(ctx, suite, cfg.validate.result_format)
     return paths.suite(cfg.name)

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from coursepipe.config import ConfigError, Section
 from coursepipe.learn.loop import Callback
 
 
 @dataclass(frozen=True)
-class Augment:
-    """fastai's aug_transforms knobs; 0 / False turns a transform off."""
+class Augment(Section):
+    """fastai's aug_transforms knobs; 0 / False turns a transform off. As a params section
+    (`model.augment`) every knob must be given: the defaults here are "off", for library use."""
     flip: bool = False          # horizontal flip with p 0.5 (never for digits or text)
     max_rotate: float = 0.0     # degrees, uniform in [-max, max]
     max_zoom: float = 1.0       # scale uniform in [1, max_zoom] (1 = off)
@@ -27,6 +29,13 @@ class Augment:
     p_affine: float = 0.75      # chance an image gets the geometric transforms
     max_lighting: float = 0.0   # brightness shift and log-contrast range (0..1 scale)
     p_lighting: float = 0.75    # chance an image gets the lighting change
+
+    def __post_init__(self):
+        if self.max_zoom < 1:
+            raise ConfigError(f"max_zoom must be >= 1, got {self.max_zoom}")
+        for name in ("p_affine", "p_lighting", "max_lighting"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def geometric(self) -> bool:

@@ -1,0 +1,10 @@
+"""Kinds of task: one module each, one `Kind` subclass (coursepipe/contract.py) carrying what every
+recipe of that kind shares, and the typed config sections it reads.
+
+    tabular.py          TabularClassification   adult (lesson 4)
+    collab.py           Collab                  movielens (lessons 4-5)
+    language_model.py   LanguageModel           human_numbers (lesson 7)
+    image.py            ImageClassification     mnist, pets, own_images (lessons 1, 2, 6, 7)
+
+Heavy libraries (torch, GX) are imported inside methods: prepare and validate need neither.
+"""
