@@ -1,31 +1,30 @@
 """The only module that imports Ray: a recipe's training run as a Ray Train TorchTrainer job.
 
-The same `train_loop_per_worker` runs on one laptop core (1 worker) or many GPUs; it differs
-from a plain loop by three things: the model goes through `prepare_model`, each rank reads its
-own shard of the rows, and every epoch ends in `ray.train.report` (rank 0 attaches the
-checkpoint). A run's name comes from a hash of its params and data, so a restarted run with the
-same inputs resumes from its last checkpoint and a changed one starts fresh.
+The worker loop is the library's training program (coursepipe/learn/program.py) with Ray's hooks,
+as in Ray's own examples: the model goes through `prepare_model`, each rank reads its own shard of
+the rows, metrics are summed with all_reduce, and every epoch ends in `ray.train.report` (rank 0
+attaches the checkpoint). A run's name comes from a hash of its params and data, so a restarted
+run with the same inputs resumes from its last checkpoint and a changed one starts fresh.
+
+A worker receives only the recipe object, its `model` and `train` sections and the prepared
+frame: it cannot read a param that the train stage does not declare to DVC.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
-from coursepipe.config import RecipeConfig
-
-from coursepipe.learn import fine_tune, setup
-from coursepipe.learn.callbacks import Recorder
-from coursepipe.learn.loop import Callback
+from coursepipe.config import Train
+from coursepipe.learn import program
 
 CKPT_FILE = "checkpoint.pt"
 log = logging.getLogger(__name__)
@@ -33,68 +32,50 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
-class RayReport(Callback):
-    """After every epoch: all ranks report metrics; rank 0 attaches a full checkpoint."""
-    order = 90
-
-    def __init__(self, rank: int, processor: dict, recorder: Recorder):
-        self.rank, self.processor, self.recorder = rank, processor, recorder
-
-    def after_epoch(self):
-        import ray.train
-
-        learn = self.learn
-        metrics = {k: float(v) for k, v in learn.log.items()}
-        if self.rank != 0:
-            ray.train.report(metrics)
-            return
-        state = {"model": unwrap(learn.model).state_dict(), "opt": learn.opt.state_dict(),
-                 "epoch": learn.epoch_offset + learn.epoch, "step": learn.step,
-                 "history": self.recorder.history,
-                 "rng": rng_state(), "processor": self.processor}
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / CKPT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+def save_checkpoint(state: dict, folder: Path) -> Path:
+    path = Path(folder) / CKPT_FILE
+    torch.save(state, path)
+    return path
 
 
 def load_checkpoint(checkpoint) -> dict:
+    """A Ray checkpoint's state; tensors and plain values only (weights_only: no code runs)."""
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=False)
+        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
+
+
+def ray_report(rank: int):
+    """program.Hooks.report: every rank reports its metrics; rank 0 attaches the checkpoint."""
+    def report(metrics: dict, make_state) -> None:
+        import ray.train
+
+        if make_state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(make_state(), Path(d))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    return report
+
+
+def resume_from_ray() -> dict | None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    return None if checkpoint is None else load_checkpoint(checkpoint)
 
 
 # ----------------------------------------------------------------------------- the worker loop
 
-def worker_threads(t) -> int:
-    """torch intra-op threads per worker: `train.threads` when set (> 0), else cpus_per_worker.
-
-    A model as small as adult's runs no faster on 2 threads than on 1, and on a busy 2-core box
-    2 threads stall on each other (epochs of 1 s became 5-20 s), so recipes can ask for fewer
-    threads than the CPUs they reserve.
-    """
-    return t.threads or t.cpus_per_worker
-
-
 def worker_stats(loop_started: float) -> dict:
-    """What the driver cannot see of a worker: its peak memory, threads and loop timestamps."""
+    """What the driver cannot see of a worker: its peak memory, threads, loop timestamps, and the
+    project modules it imported (the code-deps audit checks them against dvc.yaml)."""
     import resource
     return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
             "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "loop_started": loop_started, "loop_ended": time.time()}
+            "loop_started": loop_started, "loop_ended": time.time(),
+            "modules": sorted(m for m in sys.modules if m == "coursepipe" or m.startswith("coursepipe."))}
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -102,50 +83,23 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
     import ray.train.torch
 
-    cfg: RecipeConfig = config["cfg"]
-    t = cfg.train
+    recipe, m, t = config["recipe"], config["model"], config["train"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(worker_threads(t))
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
-    random.seed(t.seed)
-    device = ray.train.torch.get_device()
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
         if world > 1:
             torch.distributed.all_reduce(x)
         return x
 
-    parts = setup.build(cfg, config["frame"], rank, world, device, reduce,
-                        show=rank == 0 and config.get("verbose", True))
-    learn, model = parts.learn, parts.model
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted run (same name) or a worker-group restart
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        learn.opt.load_state_dict(state["opt"])
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        parts.recorder.history = list(state["history"])
-        if rank == 0:
-            print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
-    learn.add_cbs(RayReport(rank, parts.processor, parts.recorder))
-
-    plan = fine_tune.phases(t)
-    first = 0
-    for phase in plan:
-        if start_epoch < first + phase.epochs:
-            setup.enter_phase(parts, phase, t)
-            # re-wrap at every phase: DDP syncs only the parameters trainable when it wrapped them
-            learn.model = ray.train.torch.prepare_model(model)
-            learn.fit(phase.epochs, start_epoch=max(0, start_epoch - first), epoch_offset=first)
-        first += phase.epochs
-    checksums = rank_checksums(model, world)
+    hooks = program.Hooks(rank=rank, world=world, device=ray.train.torch.get_device(), reduce=reduce,
+                          wrap=ray.train.torch.prepare_model, resume=resume_from_ray,
+                          report=ray_report(rank), show=rank == 0 and config.get("verbose", True))
+    out = program.train(recipe, m, t, config["frame"], hooks)
+    checksums = rank_checksums(out.parts.model, world)
     if rank == 0:
-        return {"history": parts.recorder.history, "train_seconds": parts.timer.total,
-                "start_epoch": start_epoch, "worker": worker_stats(started),
+        return {"history": out.history, "train_seconds": out.train_seconds,
+                "start_epoch": out.start_epoch, "worker": worker_stats(started),
                 "rank_checksums": checksums}
     return None
 
@@ -205,18 +159,18 @@ def init_ray() -> None:
           "training on a local Ray instance (set RAY_ADDRESS to use a cluster)", flush=True)
 
 
-def fit(cfg: RecipeConfig, frame: pd.DataFrame, storage: str, run_name: str,
+def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
         verbose: bool = True) -> FitResult:
-    """Train `cfg` on the prepared `frame` (with an is_valid column) through Ray Train."""
+    """Train `recipe`'s model section m with train section t on the prepared `frame` (with an
+    is_valid column) through Ray Train."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.perf_counter()
     init_ray()
-    t = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "frame": frame, "verbose": verbose},
+        train_loop_config={"recipe": recipe, "model": m, "train": t, "frame": frame, "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -224,7 +178,7 @@ def fit(cfg: RecipeConfig, frame: pd.DataFrame, storage: str, run_name: str,
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoints_kept),
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
