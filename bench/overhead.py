@@ -40,9 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def bench_config(params: str, rows: int | None, epochs: int, workers: int, cpus: int,
                  threads: int | None):
     """The real adult config with the benchmark's overrides (rows, epochs, layout)."""
-    from coursepipe import config
+    from coursepipe import recipes
 
-    cfg = config.load(params).recipe("adult")
+    cfg = recipes.load_params(params).recipe("adult")
     src = cfg.sources["synthetic"]
     sources = {**cfg.sources, "synthetic": dataclasses.replace(src, rows=rows or src.rows)}
     over = {"epochs": epochs, "num_workers": workers, "cpus_per_worker": cpus, "use_gpu": False}
@@ -57,12 +57,13 @@ def bench_config(params: str, rows: int | None, epochs: int, workers: int, cpus:
 def prepared_frame(cfg, root: Path):
     """Fetch (generate) and prepare the synthetic sample under `root`, as the pipeline does."""
     from coursepipe.paths import Paths
+    from coursepipe import recipes
     from coursepipe.sources import fetch
     from coursepipe.stages import prepare
 
     paths = Paths(root)
-    fetch(cfg, paths.data, paths.root)
-    prepare.run(cfg, paths)
+    fetch(cfg, paths.data, paths.root, synthesize=recipes.get("adult").synthesize)
+    prepare.run(cfg, recipes.get("adult"), paths)
     return prepare.load(paths, cfg.name)
 
 
@@ -76,22 +77,24 @@ def bare_fit(cfg, frame, threads: int) -> list[dict]:
     """Plain PyTorch: same model, optimiser, one-cycle schedule and validation; no Learner, no Ray."""
     import torch
 
+    from coursepipe import recipes
     from coursepipe.data.batches import shard_batches
-    from coursepipe.learn.setup import build_optimizer
+    from coursepipe.learn.program import optimizer
     from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
-    from coursepipe.recipes import get_recipe
 
     t = cfg.train
     torch.set_num_threads(threads)
     torch.manual_seed(t.seed)
-    recipe = get_recipe(cfg.name)
+    recipe = recipes.get(cfg.name)
+    kind = recipe.kind
     train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
-    processor = recipe.fit_processor(train_df, cfg.model)
-    xc, xn, y = recipe.tensors(processor, train_df)
-    vc, vn, vy = recipe.tensors(processor, valid_df)
-    model = recipe.build_model(processor, cfg.model)
-    opt = build_optimizer(recipe.splitter(model), t)
-    loss_func = recipe.loss_func()
+    processor = kind.fit_processor(recipe, train_df, cfg.model)
+    xc, xn, y = kind.tensors(recipe, processor, train_df)
+    vc, vn, vy = kind.tensors(recipe, processor, valid_df)
+    model = kind.build_model(recipe, processor, cfg.model)
+    opt = optimizer(kind.splitter(cfg.model, model), t)
+    loss_func = kind.loss_func(cfg.model)
+    vbs = t.valid_bs
     sched_lr, sched_mom = one_cycle_lr(t.lr, t.pct_start, t.div, t.div_final), one_cycle_mom(t.moms, t.pct_start)
     n_batches = len(y) // t.bs
     total, step, history = n_batches * t.epochs, 0, []
@@ -113,9 +116,9 @@ def bare_fit(cfg, frame, threads: int) -> list[dict]:
         model.eval()
         v_loss, v_acc = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
-            for i in range(0, len(vy), t.bs * 4):
-                pred = model(vc[i:i + t.bs * 4], vn[i:i + t.bs * 4])
-                yb = vy[i:i + t.bs * 4]
+            for i in range(0, len(vy), vbs):
+                pred = model(vc[i:i + vbs], vn[i:i + vbs])
+                yb = vy[i:i + vbs]
                 v_loss += loss_func(pred, yb).double() * len(yb)
                 v_acc += (pred.argmax(-1) == yb).sum()
         history.append({"epoch": epoch, "train_loss": (loss_sum / (n_batches * t.bs)).item(),
@@ -129,17 +132,18 @@ def model_only_seconds(cfg, frame, threads: int, steps: int = 200) -> tuple[floa
     forward + backward + AdamW, and a no-grad forward. No data slicing, schedule or bookkeeping."""
     import torch
 
-    from coursepipe.learn.setup import build_optimizer
-    from coursepipe.recipes import get_recipe
+    from coursepipe import recipes
+    from coursepipe.learn.program import optimizer
 
     torch.set_num_threads(threads)
-    recipe, bs = get_recipe(cfg.name), cfg.train.bs
+    recipe, bs = recipes.get(cfg.name), cfg.train.bs
+    kind = recipe.kind
     train_df = frame[~frame["is_valid"]]
-    processor = recipe.fit_processor(train_df, cfg.model)
-    xc, xn, y = recipe.tensors(processor, train_df)
-    model = recipe.build_model(processor, cfg.model).train()
-    opt = build_optimizer(recipe.splitter(model), cfg.train)
-    loss_func = recipe.loss_func()
+    processor = kind.fit_processor(recipe, train_df, cfg.model)
+    xc, xn, y = kind.tensors(recipe, processor, train_df)
+    model = kind.build_model(recipe, processor, cfg.model).train()
+    opt = optimizer(kind.splitter(cfg.model, model), cfg.train)
+    loss_func = kind.loss_func(cfg.model)
     for i in range(steps + 20):
         if i == 20:  # warm-up done
             t0 = time.perf_counter()
@@ -152,7 +156,8 @@ def model_only_seconds(cfg, frame, threads: int, steps: int = 200) -> tuple[floa
     with torch.no_grad():
         t0 = time.perf_counter()
         for _ in range(steps // 4):
-            loss_func(model(xc[:bs * 4], xn[:bs * 4]), y[:bs * 4])
+            vbs = cfg.train.valid_bs
+            loss_func(model(xc[:vbs], xn[:vbs]), y[:vbs])
     return step_s, (time.perf_counter() - t0) / (steps // 4)
 
 
@@ -184,7 +189,9 @@ def ray_fit(cfg, frame, storage: Path):
         ray_train.set_ray_env()
         ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=False)
     called = time.time()
-    fit = ray_train.fit(cfg, frame, storage=str(storage), run_name="bench-overhead", verbose=True)
+    from coursepipe import recipes
+    fit = ray_train.fit(recipes.get(cfg.name), cfg.model, cfg.train, frame, storage=str(storage),
+                        run_name="bench-overhead", verbose=True)
     returned = time.time()
     w = fit.worker
     return fit, w["loop_started"] - called, returned - w["loop_ended"]
@@ -220,7 +227,7 @@ def main(argv=None) -> int:
     best_n = min(bares, key=lambda n: steady(bares[n]))
     bare_s = steady(bares[best_n])
     steps = n_train // t.bs  # global steps per epoch; each of W ranks runs them on bs / W rows
-    model_s = step_s * steps + valid_s * -(-n_valid // (t.bs * 4))
+    model_s = step_s * steps + valid_s * -(-n_valid // t.valid_bs)
     rows = [("", "seconds", "")]
     rows += [(f"bare loop, {n} thread(s), epoch", f"{steady(b):.3f}", f"epochs {secs(b)}")
              for n, b in bares.items()]

@@ -1,7 +1,9 @@
 """`coursepipe <stage> <recipe>`: the door dvc.yaml, the Prefect tasks and `ray job submit` call.
 
 Every command takes --root (default: the current directory) and reads <root>/params.yaml.
-Expected failures (bad params, bad data, a failed validation) print one clear line and exit 1.
+This is the door that looks a recipe up by name: each stage is handed its typed config and its
+Recipe object. Expected failures (bad params, bad data, a failed validation) print one clear line
+and exit 1.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from coursepipe.stages import STAGES
 
 
 def _cfg(args):
-    from coursepipe import config
-    params = config.load(Path(args.params) if args.params else Paths(args.root).params)
-    return params, params.recipe(args.recipe)
+    """(params, the recipe's config, its Recipe object)."""
+    from coursepipe import recipes
+    params = recipes.load_params(Path(args.params) if args.params else Paths(args.root).params)
+    return params, params.recipe(args.recipe), recipes.get(args.recipe)
 
 
 def dvc_track_data(root: Path) -> None:
@@ -32,17 +35,19 @@ def dvc_track_data(root: Path) -> None:
 
 
 def cmd_fetch(args) -> None:
-    import dataclasses
-    from coursepipe.config import ConfigError
+    from coursepipe import recipes
+    from coursepipe.config import ConfigError, evolve
     from coursepipe.sources import fetch
-    params, cfg = _cfg(args)
+    params, cfg, _ = _cfg(args)
     if getattr(args, "source", None):  # fetch a source other than the active one (for `dvc exp run -S`)
         if args.source not in cfg.sources:
             raise ConfigError(f"recipes.{cfg.name}.sources has no {args.source!r}; "
                               f"choose from {sorted(cfg.sources)}")
-        cfg = dataclasses.replace(cfg, source=args.source)
+        cfg = evolve(cfg, source=args.source)
     paths = Paths(args.root)
-    path = fetch(cfg, paths.data, paths.root, force=args.force)
+    generator = cfg.active_source.generate
+    path = fetch(cfg, paths.data, paths.root, force=args.force, timeout=params.fetch_timeout_s,
+                 synthesize=recipes.get(generator).synthesize if generator else None)
     print(f"fetched {cfg.source!r} -> {path.relative_to(paths.root)}")
     if not args.no_dvc:
         dvc_track_data(paths.root)
@@ -50,21 +55,23 @@ def cmd_fetch(args) -> None:
 
 def cmd_stage(args) -> None:
     import importlib
-    params, cfg = _cfg(args)
+    params, cfg, recipe = _cfg(args)
     paths = Paths(args.root)
     stage = importlib.import_module(f"coursepipe.stages.{args.command}")
     t0 = time.perf_counter()
     if args.command == "train":
-        result = stage.run(cfg, paths, storage=paths.runs(params.ray_storage))
+        result = stage.run(cfg, recipe, paths, storage=paths.runs(params.ray_storage))
     else:
-        result = stage.run(cfg, paths)
+        result = stage.run(cfg, recipe, paths)
     print(f"{args.command}@{cfg.name} done in {time.perf_counter() - t0:.1f}s: {summary(result)}")
 
 
 def summary(result) -> str:
     import dataclasses
     if dataclasses.is_dataclass(result):
-        keep = {k: v for k, v in dataclasses.asdict(result).items() if not isinstance(v, (list, dict))}
+        keep = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        keep = {k: v for k, v in keep.items() if not isinstance(v, (list, dict, tuple))
+                and (v is None or isinstance(v, (str, int, float, bool, Path)))}
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items())
     return str(result)
 
@@ -94,16 +101,15 @@ def cmd_pipeline(args) -> None:
 
 def cmd_lr_find(args) -> None:
     """The LR finder on the prepared training rows, in this process (no Ray): PNG + suggestions."""
-    import torch
     from coursepipe.io import write_bytes, write_json
-    from coursepipe.learn import fine_tune, lr_finder, setup
+    from coursepipe.learn import fine_tune, lr_finder, program
     from coursepipe.stages import prepare
-    _, cfg = _cfg(args)
+    _, cfg, recipe = _cfg(args)
     paths = Paths(args.root)
-    torch.set_num_threads(cfg.train.threads or cfg.train.cpus_per_worker)
-    torch.manual_seed(cfg.train.seed)
-    parts = setup.build(cfg, prepare.load(paths, cfg.name), show=False)
-    setup.enter_phase(parts, fine_tune.phases(cfg.train)[0], cfg.train)  # as training starts
+    # the training program's own set-up (seeds, threads, Learner), entered as training starts
+    parts = program.build(recipe, cfg.model, cfg.train, prepare.load(paths, cfg.name),
+                          program.Hooks(show=False))
+    program.enter_phase(parts, fine_tune.phases(cfg.train)[0], cfg.train)
     result = lr_finder.lr_find(parts.learn, args.start_lr, args.end_lr, args.num_it)
     out = paths.validation_report(cfg.name).parent  # not plots/: that folder is evaluate's output
     write_bytes(out / "lr_find.png", lr_finder.plot(result, f"{cfg.name}: LR finder"))
@@ -115,17 +121,16 @@ def cmd_lr_find(args) -> None:
 
 def cmd_gx_init(args) -> None:
     from coursepipe.validation.suites import init_suite
-    _, cfg = _cfg(args)
+    _, cfg, recipe = _cfg(args)
     paths = Paths(args.root)
-    print(f"wrote {init_suite(cfg, paths).relative_to(paths.root)}")
+    print(f"wrote {init_suite(cfg, recipe, paths).relative_to(paths.root)}")
 
 
 def cmd_predict(args) -> None:
     import importlib
     import pandas as pd
-    from coursepipe.recipes import get_recipe
-    portable = importlib.import_module(getattr(get_recipe(args.recipe), "PORTABLE",
-                                               "coursepipe.export.portable"))
+    from coursepipe import recipes
+    portable = importlib.import_module(recipes.get(args.recipe).kind.portable)
     export_dir = Path(args.export) if args.export else Paths(args.root).export(args.recipe)
     if len(args.rows) == 1 and args.rows[0].endswith(".csv"):
         rows = pd.read_csv(args.rows[0], skipinitialspace=True, na_values=["?"])
@@ -185,10 +190,11 @@ def parser() -> argparse.ArgumentParser:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     from coursepipe.config import ConfigError
+    from coursepipe.contract import ContractError
     from coursepipe.data.archive import ArchiveError
     from coursepipe.sources import SourceError
-    errors: list[type[BaseException]] = [ConfigError, ArchiveError, SourceError, FileNotFoundError,
-                                         KeyError, ValueError]
+    errors: list[type[BaseException]] = [ConfigError, ContractError, ArchiveError, SourceError,
+                                         FileNotFoundError, KeyError, ValueError]
     try:
         from coursepipe.stages.validate import ValidationFailed
         errors.append(ValidationFailed)

@@ -41,3 +41,14 @@ def write_text(dest: str | os.PathLike, text: str) -> Path:
 
 def write_json(dest: str | os.PathLike, obj: Any) -> Path:
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (DVC 3's md5 of a file is algo="md5")."""
+    import hashlib
+
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

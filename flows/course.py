@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from coursepipe.config import load
+from coursepipe.recipes import load_params as load
 from coursepipe.paths import Paths
 from coursepipe.stages import STAGES
 from tasks.report import report

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect.schedules import Cron
 
-from coursepipe.config import load
+from coursepipe.recipes import load_params as load
 from coursepipe.paths import Paths
 from flows.course import course
 

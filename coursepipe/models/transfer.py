@@ -11,7 +11,6 @@ a `backbone.pt` from `save_backbone`, or a trained model bundle of this project)
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -24,6 +23,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from coursepipe.io import file_digest
 from coursepipe.learn.loop import Callback
 from coursepipe.models.vision import ImageInput
 
@@ -98,14 +98,6 @@ def splitter(model: TransferNet) -> list[list[nn.Parameter]]:
 
 # ----------------------------------------------------------------------------- weights
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def expected_hash(url: str, sha256: str | None) -> str:
     """The declared sha256, or torchvision's hash prefix in the file name; neither is an error."""
     if sha256:
@@ -117,13 +109,13 @@ def expected_hash(url: str, sha256: str | None) -> str:
     return m.group(1)
 
 
-def download(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.0) -> Path:
+def download(url: str, cache_dir: Path, sha256: str | None, timeout: float) -> Path:
     """The cached file for `url`, downloaded once; kept only when its sha256 matches."""
     want = expected_hash(url, sha256)
     name = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
     target = Path(cache_dir).expanduser() / name
     if target.is_file():
-        got = sha256_file(target)
+        got = file_digest(target)
         if got.startswith(want):
             return target
         target.unlink()  # a corrupt or stale cache entry: fetch it again
@@ -140,7 +132,7 @@ def download(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.
                 raise WeightsError(
                     f"weights {url}: cannot download ({reason}). Offline? Fetch the file elsewhere "
                     f"and set model.weights to its local path, or model.weights: none") from None
-        got = sha256_file(Path(tmp))
+        got = file_digest(Path(tmp))
         if not got.startswith(want):
             raise WeightsError(f"weights {url}: sha256 {got} does not match the expected {want}; "
                                f"nothing was cached")
@@ -151,17 +143,18 @@ def download(url: str, cache_dir: Path, sha256: str | None, timeout: float = 60.
     return target
 
 
-def resolve(weights: str, cache_dir: str, sha256: str | None) -> Path | None:
-    """The local file holding `weights` (None for `none`), downloading a URL into the cache."""
+def resolve(weights: str, cache_dir: str, sha256: str | None, timeout: float) -> Path | None:
+    """The local file holding `weights` (None for `none`), downloading a URL into the cache
+    (a download that stalls for `timeout` seconds fails)."""
     if weights in ("", "none"):
         return None
     if re.match(r"^(https?|file)://", weights):
-        return download(weights, Path(cache_dir), sha256)
+        return download(weights, Path(cache_dir), sha256, timeout)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(f"weights {weights}: no such file (relative paths are read from "
                            f"{Path.cwd()}, the directory the pipeline runs in)")
-    if sha256 and sha256_file(path) != sha256.lower():
+    if sha256 and file_digest(path) != sha256.lower():
         raise WeightsError(f"weights {weights}: sha256 does not match model.weights_sha256")
     return path
 
@@ -200,7 +193,7 @@ def save_backbone(model_or_bundle, out: Path) -> Path:
     from coursepipe.io import atomic_path
 
     if isinstance(model_or_bundle, (str, Path)):
-        obj = torch.load(model_or_bundle, map_location="cpu", weights_only=False)
+        obj = torch.load(model_or_bundle, map_location="cpu", weights_only=True)  # no code from files
         state = backbone_state(obj, str(model_or_bundle))
     else:
         state = model_or_bundle.backbone.state_dict()
@@ -217,14 +210,14 @@ class LoadPretrained(Callback):
     later fine_tune phases keep the weights they have."""
     order = -10
 
-    def __init__(self, weights: str, cache_dir: str, sha256: str | None):
-        self.weights, self.cache_dir, self.sha256 = weights, cache_dir, sha256
+    def __init__(self, weights: str, cache_dir: str, sha256: str | None, timeout: float):
+        self.weights, self.cache_dir, self.sha256, self.timeout = weights, cache_dir, sha256, timeout
 
     def before_fit(self):
         learn = self.learn
         if learn.step > 0 or learn.epoch_offset > 0:
             return
-        path = resolve(self.weights, self.cache_dir, self.sha256)
+        path = resolve(self.weights, self.cache_dir, self.sha256, self.timeout)
         if path is not None:
             load_backbone(getattr(learn.model, "module", learn.model), path, self.weights)
 

@@ -2,12 +2,13 @@
 
 The folder is built beside the old one and renamed over it only after onnxruntime has matched
 PyTorch on validation rows, so a failed export leaves the previous one untouched. predict.py is
-a copy of coursepipe/export/portable.py: the folder alone (numpy, pandas, onnxruntime) predicts.
+a copy of the recipe kind's portable module (coursepipe/export/portable_<kind>.py): the folder
+alone (numpy, pandas, onnxruntime) predicts. Reads params: export (the card quotes the sections
+the model was trained and prepared with, from the model bundle and prepare's lineage file).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import io
@@ -23,10 +24,10 @@ from pathlib import Path
 import torch
 
 from coursepipe.config import RecipeConfig
-from coursepipe.export import portable
-from coursepipe.io import atomic_path
+from coursepipe.contract import Recipe
+from coursepipe.io import atomic_path, file_digest
+from coursepipe.learn.infer import predict_logits
 from coursepipe.paths import Paths
-from coursepipe.recipes import get_recipe
 from coursepipe.stages import evaluate, prepare, train
 
 CARD_FILE = "card.json"
@@ -62,10 +63,10 @@ def example_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]
     return tuple(x[idx] for x in inputs)
 
 
-def dynamic_axes(recipe, names: list[str]) -> dict[str, dict[int, str]]:
-    """{input name: {axis: axis name}}: the batch axis, or what the recipe declares (a language
-    model's time axis too) as DYNAMIC_AXES; `logits` shares the axes of the first input."""
-    axes = getattr(recipe, "DYNAMIC_AXES", None) or {n: {0: "batch"} for n in names}
+def dynamic_axes(recipe: Recipe, names: list[str]) -> dict[str, dict[int, str]]:
+    """{input name: {axis: axis name}} as the recipe's kind declares them; `logits` shares the
+    axes of the first input."""
+    axes = recipe.kind.export_axes(names)
     return {**axes, "logits": axes[names[0]]}
 
 
@@ -91,7 +92,7 @@ def onnx_torchscript(model, args, names: list[str], opset: int, axes: dict) -> b
 
 
 def to_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int,
-            recipe=None) -> tuple[bytes, str]:
+            recipe: Recipe) -> tuple[bytes, str]:
     """(serialised ONNX model, exporter used): the dynamo exporter, else the TorchScript one."""
     names = input_names(model)
     axes = dynamic_axes(recipe, names)
@@ -115,20 +116,20 @@ def with_metadata(model_bytes: bytes, props: dict[str, str]) -> bytes:
 
 # ----------------------------------------------------------------------------- parity
 
-def portable_module(recipe):
-    """The recipe's standalone predict module (numpy/pandas/onnxruntime only), copied as predict.py.
+def portable_module(recipe: Recipe):
+    """The kind's standalone predict module (numpy/pandas/onnxruntime only), copied as predict.py.
 
     It defines load(dir) -> (session, state), outputs(sess, state, rows) -> the user-facing numbers
     (e.g. probabilities) computed from raw rows, and finish(raw_model_output, state) -> the same
     numbers from the PyTorch model's output, so parity covers preprocessing and graph together."""
-    return importlib.import_module(getattr(recipe, "PORTABLE", "coursepipe.export.portable"))
+    return importlib.import_module(recipe.kind.portable)
 
 
-def parity(model: torch.nn.Module, recipe, processor: dict, export_dir: Path, rows, bs: int) -> float:
+def parity(model: torch.nn.Module, recipe: Recipe, processor: dict, export_dir: Path, rows) -> float:
     """Max |output difference| between the exported folder (as predict.py runs it) and torch."""
     port = portable_module(recipe)
-    *inputs, _ = recipe.tensors(processor, rows)
-    torch_out = port.finish(evaluate.predict_logits(model, tuple(inputs), bs).numpy(), processor)
+    *inputs, _ = recipe.kind.tensors(recipe, processor, rows)
+    torch_out = port.finish(predict_logits(model, tuple(inputs), len(rows)).numpy(), processor)
     sess, state = port.load(export_dir)
     onnx_out = port.outputs(sess, state, rows)
     if onnx_out.shape != torch_out.shape:
@@ -137,14 +138,6 @@ def parity(model: torch.nn.Module, recipe, processor: dict, export_dir: Path, ro
 
 
 # ----------------------------------------------------------------------------- model card
-
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def dvc_outs(dvc_file: Path) -> dict[str, str]:
     """{tracked path: md5} from a .dvc file ({} if there is none)."""
@@ -156,16 +149,15 @@ def dvc_outs(dvc_file: Path) -> dict[str, str]:
     return {o["path"]: o.get("md5") for o in raw.get("outs", []) if "path" in o}
 
 
-def data_version(paths: Paths, cfg: RecipeConfig) -> dict:
-    """What the model was trained on: the prepared table's sha256 and the raw archive's identity."""
-    table = paths.prepared(cfg.name) / prepare.TABLE
-    archive = paths.data / cfg.source_file
+def data_version(paths: Paths, name: str) -> dict:
+    """What the model was trained on: the prepared table's sha256 and, from prepare's lineage
+    file, the raw archive's identity (its md5 is the one data.dvc's manifest holds for it)."""
+    table = paths.prepared(name) / prepare.TABLE
+    lineage = prepare.lineage(paths, name)
     out = {"prepared_table": str(table.relative_to(paths.root)),
-           "prepared_table_sha256": train.file_digest(table),
-           "archive": cfg.source_file,
-           # DVC 3 hashes a file as the plain md5 of its bytes: this is the md5 data.dvc's
-           # directory manifest holds for it
-           "archive_md5": md5_file(archive) if archive.is_file() else None}
+           "prepared_table_sha256": file_digest(table),
+           "source": lineage.get("source"), "archive": lineage.get("archive"),
+           "archive_md5": lineage.get("archive_md5")}
     outs = dvc_outs(paths.root / "data.dvc")
     if outs:
         out["data_dvc_md5"] = outs.get(paths.data.name)  # pins all of data/ for `dvc checkout`
@@ -184,21 +176,20 @@ def versions(exporter: str) -> dict[str, str]:
     return out
 
 
-def model_card(cfg: RecipeConfig, paths: Paths, recipe, processor: dict, bundle: dict,
+def model_card(cfg: RecipeConfig, paths: Paths, recipe: Recipe, bundle: train.Bundle,
                names: list[str], exported: dict) -> dict:
     metrics_file = paths.metrics(cfg.name)
     return {
         "recipe": cfg.name,
-        "kind": getattr(recipe, "KIND", None),
-        "classes": list(getattr(recipe, "CLASSES", ())) or None,
-        "target": processor.get("target"),
-        "input_columns": {"categorical": list(processor.get("cat_names", [])),
-                          "continuous": list(processor.get("cont_names", []))},
+        "kind": recipe.kind.name,
+        **recipe.kind.card(recipe, bundle.processor),
         "onnx_inputs": names,
         "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
-        "data": data_version(paths, cfg),
-        "params": dataclasses.asdict(cfg),
-        "run_name": bundle.get("run_name"),
+        "data": data_version(paths, cfg.name),
+        "params": {"prepare": prepare.lineage(paths, cfg.name).get("prepare"),
+                   "model": dataclasses.asdict(bundle.model_config), "train": bundle.train_config,
+                   "export": dataclasses.asdict(cfg.export)},
+        "run_name": bundle.run_name,
         "export": exported,
         "versions": versions(exported["exporter"]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -207,36 +198,32 @@ def model_card(cfg: RecipeConfig, paths: Paths, recipe, processor: dict, bundle:
 
 # ----------------------------------------------------------------------------- the stage
 
-def run(cfg: RecipeConfig, paths: Paths) -> ExportResult:
-    if cfg.export.parity_rows < 1:
-        raise ValueError(f"recipes.{cfg.name}.export.parity_rows must be >= 1, "
-                         f"got {cfg.export.parity_rows}")
-    recipe = get_recipe(cfg.name)
-    model, processor, bundle = train.load_model(paths, cfg)
+def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths) -> ExportResult:
+    bundle = train.load_model(paths, recipe)
+    model, processor, port = bundle.model, bundle.processor, portable_module(recipe)
     rows = evaluate.valid_rows(paths, cfg.name).head(cfg.export.parity_rows)
-    *inputs, _ = recipe.tensors(processor, rows)
-    bs = cfg.train.bs * 4  # as in evaluate: inference only
+    *inputs, _ = recipe.kind.tensors(recipe, processor, rows)
     state_json = json.dumps(processor, indent=2, sort_keys=True) + "\n"
 
     model_bytes, exporter = to_onnx(model, example_inputs(tuple(inputs)), cfg.export.opset, recipe)
-    model_bytes = with_metadata(model_bytes, {portable.METADATA_KEY: state_json, "recipe": cfg.name})
+    model_bytes = with_metadata(model_bytes, {port.METADATA_KEY: state_json, "recipe": cfg.name})
 
     with atomic_path(paths.export(cfg.name)) as out:
         out.mkdir()
-        (out / portable.MODEL_FILE).write_bytes(model_bytes)
-        (out / portable.STATE_FILE).write_text(state_json)
-        shutil.copyfile(inspect.getfile(portable_module(recipe)), out / SCRIPT_FILE)
-        max_diff = parity(model, recipe, processor, out, rows, bs)
+        (out / port.MODEL_FILE).write_bytes(model_bytes)
+        (out / port.STATE_FILE).write_text(state_json)
+        shutil.copyfile(inspect.getfile(port), out / SCRIPT_FILE)
+        max_diff = parity(model, recipe, processor, out, rows)
         if not max_diff <= cfg.export.parity_atol:  # `not <=` also catches NaN
             raise ParityError(
                 f"export@{cfg.name}: ONNX ({exporter}) and PyTorch outputs differ by "
                 f"{max_diff:.3g} on {len(rows)} validation rows, more than "
                 f"recipes.{cfg.name}.export.parity_atol={cfg.export.parity_atol:g}; "
                 f"{paths.export(cfg.name)} was left as it was")
-        exported = {"exporter": exporter, "opset": cfg.export.opset, "file": portable.MODEL_FILE,
+        exported = {"exporter": exporter, "opset": cfg.export.opset, "file": port.MODEL_FILE,
                     "parity_max_abs_diff": max_diff, "parity_rows": len(rows),
                     "parity_atol": cfg.export.parity_atol}
-        card = model_card(cfg, paths, recipe, processor, bundle, input_names(model), exported)
+        card = model_card(cfg, paths, recipe, bundle, input_names(model), exported)
         (out / CARD_FILE).write_text(json.dumps(card, indent=2, default=str) + "\n")
     return ExportResult(path=paths.export(cfg.name), exporter=exporter, opset=cfg.export.opset,
                         parity_max_diff=max_diff, parity_rows=len(rows))

@@ -1,20 +1,28 @@
-"""prepare: raw archive in data/ -> safe extraction -> normalised table with a seeded split."""
+"""prepare: raw archive (data/<recipe>/<source>.<tgz|zip>) -> prepared/<recipe>/table.parquet.
+
+Extracts safely, reads the recipe's layout, types it, and lets the recipe's kind split it (and
+apply its policies: bad images, unseen ids). Beside the table, source.json records where it came
+from (source, archive, its md5, the prepare section), which the export's model card quotes.
+Reads params: source, sources, prepare.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from coursepipe.config import RecipeConfig
+from coursepipe.contract import Recipe
 from coursepipe.data.archive import extract
-from coursepipe.io import atomic_path
+from coursepipe.io import atomic_path, file_digest
 from coursepipe.paths import Paths
-from coursepipe.recipes import get_recipe
 
 TABLE = "table.parquet"
+LINEAGE = "source.json"
 
 
 @dataclass
@@ -24,34 +32,22 @@ class PrepareResult:
     path: Path
 
 
-def split_mask(n: int, valid_pct: float, seed: int) -> np.ndarray:
-    """Seeded random validation mask: exactly round(n * valid_pct) rows are True."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(n, dtype=bool)
-    mask[rng.permutation(n)[: int(round(n * valid_pct))]] = True
-    return mask
-
-
-def run(cfg: RecipeConfig, paths: Paths) -> PrepareResult:
-    recipe = get_recipe(cfg.name)
+def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths) -> PrepareResult:
     archive = paths.data / cfg.source_file
     if not archive.is_file():
         raise FileNotFoundError(f"{archive} is missing: run `coursepipe fetch {cfg.name}` first")
+    p = cfg.prepare
     with tempfile.TemporaryDirectory(dir=paths.root) as tmp:
         extracted = extract(archive, Path(tmp) / "raw")
-        df = recipe.normalise(recipe.read_raw(extracted))
-    # A recipe whose data comes pre-split (train.txt / valid.txt) supplies split(df, cfg) -> mask.
-    split = getattr(recipe, "split", None)
-    df["is_valid"] = (np.asarray(split(df, cfg), dtype=bool) if split is not None
-                      else split_mask(len(df), cfg.prepare.valid_pct, cfg.prepare.seed))
-    # ... and a recipe that checks across the split (the same image in train and valid) does it here
-    after = getattr(recipe, "after_split", None)
-    if after is not None:
-        df = after(df, cfg)
+        df = recipe.normalise(recipe.read_raw(extracted, p))
+    df = recipe.kind.prepare(recipe, df, p)
+    lineage = {"source": cfg.source, "archive": cfg.source_file, "archive_md5": file_digest(archive, "md5"),  # as data.dvc lists it
+               "prepare": dataclasses.asdict(p)}
     out = paths.prepared(cfg.name)
     with atomic_path(out) as tmp_out:
         tmp_out.mkdir()
         df.to_parquet(tmp_out / TABLE, index=False)
+        (tmp_out / LINEAGE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     return PrepareResult(rows=len(df), valid_rows=int(df["is_valid"].sum()), path=out / TABLE)
 
 
@@ -60,3 +56,9 @@ def load(paths: Paths, recipe: str) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
     return pd.read_parquet(path)
+
+
+def lineage(paths: Paths, recipe: str) -> dict:
+    """What prepare recorded about the table's origin ({} for a table prepared before it did)."""
+    path = paths.prepared(recipe) / LINEAGE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,4 +1,8 @@
-"""train: prepared table -> Ray Train (TorchTrainer) -> models/<recipe>/model.pt + history CSV."""
+"""train: prepared table -> Ray Train (TorchTrainer) -> models/<recipe>/model.pt + history CSV.
+
+Reads params: model, train. Where checkpoints go (`ray_storage`) is the door's runtime argument,
+like RAY_ADDRESS: it changes where a run is kept, not what it computes.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +15,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from coursepipe import config
 from coursepipe.config import RecipeConfig
-from coursepipe.io import atomic_path, write_text
+from coursepipe.contract import Recipe
+from coursepipe.io import atomic_path, file_digest, write_text
 from coursepipe.paths import Paths
-from coursepipe.recipes import get_recipe
 from coursepipe.stages import prepare
 
 MODEL_FILE = "model.pt"
@@ -29,18 +34,26 @@ class TrainResult:
     train_seconds: float      # rank 0's epoch loop
     startup_seconds: float    # everything else in the fit: Ray start, workers, teardown
     rank_checksums: list      # sum |w| per rank after training: equal when the ranks agree
+    worker: dict              # rank 0's stats (peak RSS, threads, modules imported)
+
+
+@dataclass
+class Bundle:
+    """A trained model as models/<recipe>/model.pt holds it."""
+    model: torch.nn.Module    # in eval mode, on CPU
+    processor: dict
+    model_config: object      # the model section it was trained with (typed by the recipe)
+    train_config: dict        # the train section it was trained with
+    history: list[dict]
+    run_name: str | None
 
 
 def run_name(cfg: RecipeConfig, data_digest: str) -> str:
-    """Same params + same data -> same Ray run name -> resume; anything else -> a fresh run."""
-    blob = json.dumps({"source": cfg.source, "prepare": dataclasses.asdict(cfg.prepare),
-                       "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+    """Same model + train params and the same prepared table -> the same Ray run name -> resume;
+    anything else -> a fresh run (the table's digest stands for the source and prepare params)."""
+    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
                        "data": data_digest}, sort_keys=True, default=str)
     return f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def history_csv(history: list[dict]) -> str:
@@ -50,15 +63,13 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def run(cfg: RecipeConfig, paths: Paths, storage: str, verbose: bool = True) -> TrainResult:
+def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: bool = True) -> TrainResult:
     from coursepipe.distributed import ray_train  # Ray is imported only when training
 
-    prefetch = getattr(get_recipe(cfg.name), "prefetch", None)
-    if prefetch is not None:  # e.g. pretrained weights: fail here, in one line, not in a worker
-        prefetch(cfg)
+    recipe.kind.prefetch(cfg.model)  # e.g. pretrained weights: fail here, in one line, not in a worker
     frame = prepare.load(paths, cfg.name)
     name = run_name(cfg, file_digest(paths.prepared(cfg.name) / prepare.TABLE))
-    fit = ray_train.fit(cfg, frame, storage=storage, run_name=name, verbose=verbose)
+    fit = ray_train.fit(recipe, cfg.model, cfg.train, frame, storage=storage, run_name=name, verbose=verbose)
     save_bundle(paths, cfg, fit.state["model"], fit.state["processor"], fit.history, summary={
         "run_name": name, "storage": storage, "epochs": len(fit.history),
         "train_seconds": round(fit.train_seconds, 3),
@@ -67,15 +78,17 @@ def run(cfg: RecipeConfig, paths: Paths, storage: str, verbose: bool = True) -> 
     return TrainResult(run_name=name, epochs_run=len(fit.history), history=fit.history,
                        train_seconds=fit.train_seconds,
                        startup_seconds=fit.wall_seconds - fit.train_seconds,
-                       rank_checksums=fit.rank_checksums)
+                       rank_checksums=fit.rank_checksums, worker=fit.worker)
 
 
 def save_bundle(paths: Paths, cfg: RecipeConfig, state_dict: dict, processor: dict,
                 history: list[dict], summary: dict) -> Path:
-    """Write models/<recipe>/ (weights + preprocessing + config) and the history CSV atomically."""
+    """Write models/<recipe>/ (weights + preprocessing + the sections trained with) and the
+    history CSV atomically. Only tensors and plain values: it loads with weights_only=True."""
     with atomic_path(paths.model(cfg.name)) as out:
         out.mkdir()
         torch.save({"recipe": cfg.name, "model_config": dataclasses.asdict(cfg.model),
+                    "train_config": dataclasses.asdict(cfg.train),
                     "state_dict": state_dict, "processor": processor, "history": history,
                     "run_name": summary.get("run_name")}, out / MODEL_FILE)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -83,14 +96,20 @@ def save_bundle(paths: Paths, cfg: RecipeConfig, state_dict: dict, processor: di
     return paths.model(cfg.name)
 
 
-def load_model(paths: Paths, cfg: RecipeConfig) -> tuple[torch.nn.Module, dict, dict]:
-    """(model in eval mode on CPU, processor state, the saved bundle) from models/<recipe>/."""
-    path = paths.model(cfg.name) / MODEL_FILE
+def load_model(paths: Paths, recipe: Recipe) -> Bundle:
+    """The trained model from models/<recipe>/, rebuilt from the model section it was trained
+    with (not today's params: evaluate and export describe the model as it is)."""
+    path = paths.model(recipe.name) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the train stage first")
-    bundle = torch.load(path, map_location="cpu", weights_only=False)
-    recipe = get_recipe(cfg.name)
-    model = recipe.build_model(bundle["processor"], recipe.ModelConfig(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in bundle["model_config"].items()}))
-    model.load_state_dict(bundle["state_dict"])
-    return model.eval(), bundle["processor"], bundle
+    try:  # weights_only: a model file from a shared DVC remote cannot run code here
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of many types
+        raise ValueError(f"{path}: not a model bundle of this project ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    m = config.build(recipe.model_config, raw["model_config"], f"{path}:model_config", located=False)
+    model = recipe.kind.build_model(recipe, raw["processor"], m)
+    model.load_state_dict(raw["state_dict"])
+    return Bundle(model=model.eval(), processor=raw["processor"], model_config=m,
+                  train_config=raw.get("train_config", {}), history=raw["history"],
+                  run_name=raw.get("run_name"))

@@ -4,6 +4,7 @@ Reads prepared/<recipe>/table.parquet and gx/expectations/<recipe>.json. The sui
 regenerated here (`coursepipe gx-init` does that), so a hand-edited suite is what runs. Writes
 reports/<recipe>/validation.json and Data Docs under gx/uncommitted/data_docs/, then, if any rule
 failed, raises ValidationFailed naming each failed rule's column, expectation and bad values.
+Reads params: validate.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from coursepipe.config import RecipeConfig
-from coursepipe.io import write_json
+from coursepipe.contract import Recipe
+from coursepipe.io import file_digest, write_json
 from coursepipe.paths import Paths
 from coursepipe.stages import prepare
 
@@ -156,15 +158,15 @@ def check_suite_file(path: Path, recipe: str) -> None:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
 
 
-def matches_params(suite, cfg: RecipeConfig) -> bool:
+def matches_params(suite, cfg: RecipeConfig, recipe: Recipe) -> bool:
     """Whether the committed suite is what gx-init would write from today's params (else: edited or stale)."""
     from coursepipe.validation.suites import build_suite, spec_key
 
     keys = sorted(spec_key(e) for e in suite.expectations)
-    return keys == sorted(spec_key(e) for e in build_suite(cfg).expectations)
+    return keys == sorted(spec_key(e) for e in build_suite(cfg, recipe).expectations)
 
 
-def run(cfg: RecipeConfig, paths: Paths) -> ValidateResult:
+def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths) -> ValidateResult:
     from coursepipe.validation.suites import checkpoint, open_context
 
     check_suite_file(paths.suite(cfg.name), cfg.name)
@@ -183,7 +185,8 @@ def run(cfg: RecipeConfig, paths: Paths) -> ValidateResult:
         "evaluated": len(rules),
         "failed": failed,
         "suite": str(paths.suite(cfg.name).relative_to(paths.root)),
-        "suite_matches_params": matches_params(suite, cfg),
+        "suite_matches_params": matches_params(suite, cfg, recipe),
+        "table_sha256": file_digest(paths.prepared(cfg.name) / prepare.TABLE),
         "data_docs": str(docs),
         "expectations": rules,
     })
