@@ -61,20 +61,40 @@ def project(tmp_path) -> "Paths":
     return Paths(root)
 
 
+def load_cfg(paths, name: str = "adult"):
+    """A recipe's typed config from the project's params.yaml, as the CLI loads it."""
+    from coursepipe.recipes import load_params
+    return load_params(paths.params).recipe(name)
+
+
+def fetch(cfg, paths, **kwargs):
+    """The fetch command's work: the active source's archive into data/ (generated ones offline)."""
+    from coursepipe import recipes
+    from coursepipe.sources import fetch as fetch_source
+
+    gen = cfg.active_source.generate
+    return fetch_source(cfg, paths.data, paths.root, synthesize=recipes.get(gen).synthesize if gen else None,
+                        **kwargs)
+
+
+@pytest.fixture
+def adult():
+    from coursepipe import recipes
+    return recipes.get("adult")
+
+
 @pytest.fixture
 def adult_cfg(project):
-    from coursepipe import config
-    return config.load(project.params).recipe("adult")
+    return load_cfg(project)
 
 
 @pytest.fixture
-def prepared(project, adult_cfg):
-    """Fetched (synthetic) and prepared adult data in `project`."""
-    from coursepipe.sources import fetch
-    from coursepipe.stages import prepare
+def prepared(project, adult_cfg, adult):
+    """Fetched (synthetic) and prepared adult data in `project` (prepare audited: tests/audit.py)."""
+    from audit import run_stage
 
-    fetch(adult_cfg, project.data, project.root)
-    prepare.run(adult_cfg, project)
+    fetch(adult_cfg, project)
+    run_stage("prepare", adult_cfg, adult, project)
     return project
 
 

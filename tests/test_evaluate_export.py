@@ -5,7 +5,6 @@ evaluated and exported once; tests that break things work on a copy of it.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -19,37 +18,25 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import copy_project_files, small_params, write_params
-from coursepipe import cli, config
-from coursepipe.export import portable
-from coursepipe.learn import interpret
+from audit import run_stage
+from conftest import copy_project_files, fetch, load_cfg, small_params, write_params
+from coursepipe import cli, recipes
+from coursepipe.config import evolve
+from coursepipe.export import portable_tabular as portable
+from coursepipe.learn import interpret, program
 from coursepipe.paths import Paths
-from coursepipe.recipes import get_recipe
 from coursepipe.stages import evaluate, export, prepare, train
 
-STEPS = 200        # AdamW steps of 64 rows: 8 passes over 1600 training rows, ~0.5 s on one thread
+ADULT = recipes.get("adult")
+
+EPOCHS = 8         # 8 passes over 1600 training rows at bs 64: 200 AdamW steps, ~1 s on one thread
 RUN_NAME = "adult-inprocess-test"
 
 
-def fit_in_process(cfg, frame: pd.DataFrame, steps: int = STEPS):
-    """A trained model the way train.run would save it, without Ray: (model, processor)."""
-    recipe = get_recipe(cfg.name)
-    torch.manual_seed(cfg.train.seed)
-    train_df = frame[~frame["is_valid"]]
-    processor = recipe.fit_processor(train_df, cfg.model)
-    model = recipe.build_model(processor, cfg.model)
-    x_cat, x_cont, y = recipe.tensors(processor, train_df)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.wd)
-    loss_func = recipe.loss_func()
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(y), (cfg.train.bs,), generator=g)
-        loss = loss_func(model(x_cat[idx], x_cont[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), processor
+def fit_in_process(cfg, recipe, frame: pd.DataFrame, epochs: int = EPOCHS):
+    """A trained model the way train.run would save it, by the training program without Ray."""
+    out = program.train(recipe, cfg.model, evolve(cfg.train, epochs=epochs), frame, program.Hooks(show=False))
+    return out.parts.model.eval(), out.parts.processor
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +51,18 @@ def one_thread():
 @pytest.fixture(scope="module")
 def done(tmp_path_factory, one_thread):
     """The `prepared` fixture's project, built once per module, then trained, evaluated, exported."""
-    from coursepipe.sources import fetch
-
     root = tmp_path_factory.mktemp("proj")
     write_params(root, small_params())
     copy_project_files(root)
     paths = Paths(root)
-    cfg = config.load(paths.params).recipe("adult")
-    fetch(cfg, paths.data, paths.root)
-    prepare.run(cfg, paths)
-    model, processor = fit_in_process(cfg, prepare.load(paths, "adult"))
+    cfg = load_cfg(paths)
+    fetch(cfg, paths)
+    prepare.run(cfg, ADULT, paths)
+    model, processor = fit_in_process(cfg, ADULT, prepare.load(paths, "adult"))
     train.save_bundle(paths, cfg, model.state_dict(), processor,
                       history=[{"epoch": 0}], summary={"run_name": RUN_NAME})
-    ev = evaluate.run(cfg, paths)
-    ex = export.run(cfg, paths)
+    ev = run_stage("evaluate", cfg, ADULT, paths)  # audited: reads and code within dvc.yaml's
+    ex = run_stage("export", cfg, ADULT, paths)
     return paths, cfg, ev, ex
 
 
@@ -87,11 +72,11 @@ def valid_frame(paths) -> pd.DataFrame:
 
 def torch_labels(paths, cfg, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) of the saved PyTorch model for the rows of df (target included)."""
-    model, processor, _ = train.load_model(paths, cfg)
-    x_cat, x_cont, _ = get_recipe("adult").tensors(processor, df)
+    bundle = train.load_model(paths, ADULT)
+    x_cat, x_cont, _ = ADULT.kind.tensors(ADULT, bundle.processor, df)
     with torch.no_grad():
-        proba = torch.softmax(model(x_cat, x_cont), 1).numpy()
-    return np.asarray(get_recipe("adult").CLASSES, dtype=object)[proba.argmax(1)], proba
+        proba = torch.softmax(bundle.model(x_cat, x_cont), 1).numpy()
+    return np.asarray(ADULT.schema.classes, dtype=object)[proba.argmax(1)], proba
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -163,7 +148,7 @@ def test_export_folder_card_and_parity(done):
     assert (folder / "predict.py").read_bytes() == Path(portable.__file__).read_bytes()
 
     state_text = (folder / "preprocessing.json").read_text()
-    _, processor, _ = train.load_model(paths, cfg)
+    processor = train.load_model(paths, ADULT).processor
     assert json.loads(state_text) == processor
     proto = onnx.load(str(folder / "model.onnx"))
     assert {p.key: p.value for p in proto.metadata_props}["preprocessing"] == state_text
@@ -176,7 +161,9 @@ def test_export_folder_card_and_parity(done):
     assert inputs["x_cont"].shape.dim[1].dim_value == len(processor["cont_names"])
 
     card = json.loads((folder / "card.json").read_text())
-    assert card["recipe"] == "adult" and card["classes"] == ["<50k", ">=50k"]
+    assert card["recipe"] == "adult" and card["kind"] == "tabular_classification"
+    assert card["classes"] == ["<50k", ">=50k"] and card["target"] == "salary"
+    assert card["input_columns"]["categorical"] == list(cfg.model.cat_names)
     assert card["run_name"] == RUN_NAME
     assert card["metrics"] == json.loads(paths.metrics("adult").read_text())
     assert card["export"]["parity_max_abs_diff"] == ex.parity_max_diff
@@ -186,7 +173,8 @@ def test_export_folder_card_and_parity(done):
     archive = paths.data / cfg.source_file
     assert card["data"]["archive"] == cfg.source_file == str(archive.relative_to(paths.data))
     assert card["data"]["archive_md5"] == hashlib.md5(archive.read_bytes()).hexdigest()
-    assert card["params"]["train"]["lr"] == cfg.train.lr
+    assert card["data"]["source"] == "synthetic"
+    assert card["params"]["train"]["lr"] == cfg.train.lr and card["params"]["prepare"]["seed"] == 42
     assert card["params"]["model"]["cat_names"] == list(cfg.model.cat_names)
     assert card["versions"]["torch"] == torch.__version__
 
@@ -207,7 +195,7 @@ def test_cli_predict_labels_rows_like_torch(done, tmp_path):
 
 def test_unseen_category_and_missing_values(done):
     paths, cfg, _, _ = done
-    _, processor, _ = train.load_model(paths, cfg)
+    processor = train.load_model(paths, ADULT).processor
     assert processor["na_names"] == []  # the synthetic sample has no missing numbers to flag
     valid = valid_frame(paths)
     base = valid[valid[processor["cat_names"]].notna().all(axis=1)].head(1)  # no #na# of its own
@@ -290,11 +278,12 @@ def test_export_folder_predicts_alone_without_coursepipe(done, tmp_path):
 
 def test_torchscript_fallback_exports_a_matching_graph(done):
     paths, cfg, _, _ = done
-    model, processor, _ = train.load_model(paths, cfg)
-    x_cat, x_cont, _ = get_recipe("adult").tensors(processor, valid_frame(paths))
+    bundle = train.load_model(paths, ADULT)
+    model = bundle.model
+    x_cat, x_cont, _ = ADULT.kind.tensors(ADULT, bundle.processor, valid_frame(paths))
     names = export.input_names(model)
     blob = export.onnx_torchscript(model, export.example_inputs((x_cat, x_cont)), names,
-                                   cfg.export.opset, export.dynamic_axes(get_recipe("adult"), names))
+                                   cfg.export.opset, export.dynamic_axes(ADULT, names))
     import onnxruntime as ort
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     (logits,) = sess.run(None, {"x_cat": x_cat.numpy(), "x_cont": x_cont.numpy()})
@@ -307,9 +296,9 @@ def test_failed_parity_keeps_the_previous_export(done, tmp_path):
     copy = Paths(tmp_path / "proj")
     shutil.copytree(paths.root, copy.root)
     before = tree_bytes(copy.export("adult"))
-    strict = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, parity_atol=-1.0))
+    strict = evolve(cfg, export=evolve(cfg.export, parity_atol=-1.0))
     with pytest.raises(export.ParityError, match=r"parity_atol=-1.*left as it was"):
-        export.run(strict, copy)
+        export.run(strict, ADULT, copy)
     assert tree_bytes(copy.export("adult")) == before
     assert [p.name for p in (copy.root / "export").iterdir()] == ["adult"]  # no temp folders left
 
@@ -321,6 +310,6 @@ def test_card_data_version_pins_data_dvc(done, tmp_path):
     (copy.root / "data.dvc").write_text(
         "outs:\n- md5: 5c91e97249d27ba0daaa0184727a5a4e.dir\n  size: 29517\n  nfiles: 1\n"
         "  hash: md5\n  path: data\n")
-    version = export.data_version(copy, cfg)
+    version = export.data_version(copy, "adult")
     assert version["data_dvc_md5"] == "5c91e97249d27ba0daaa0184727a5a4e.dir"
     assert version["archive_md5"] == hashlib.md5((copy.data / cfg.source_file).read_bytes()).hexdigest()

@@ -10,18 +10,19 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_params, write_params
-from coursepipe import config
+from audit import run_pipeline
+from conftest import fetch, load_cfg, small_params, write_params
+from coursepipe import config, recipes
 from coursepipe.data.archive import deterministic_tgz, extract
 from coursepipe.learn.loop import Learner
 from coursepipe.models.rnn import ARCHS, LAST_STEP, build, lm_loss
 from coursepipe.recipes import human_numbers as hn
-from coursepipe.sources import fetch
-from coursepipe.stages import evaluate, export, prepare, train, validate
+from coursepipe.stages import prepare, validate
 from coursepipe.text.callbacks import ResetState
 from coursepipe.text.lm_data import LMBatches
 
 RECIPE = "human_numbers"
+HN = recipes.get(RECIPE)
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +51,7 @@ def hn_project(project):
 
 
 def hn_cfg(paths):
-    return config.load(paths.params).recipe(RECIPE)
+    return load_cfg(paths, RECIPE)
 
 
 def lines_of(blob: bytes, tmp_path) -> dict[str, list[str]]:
@@ -90,8 +91,8 @@ def test_generated_archive_has_fastais_layout(tmp_path):
 
 def test_prepare_splits_by_file_not_at_random(hn_project):
     cfg = hn_cfg(hn_project)
-    fetch(cfg, hn_project.data, hn_project.root)
-    result = prepare.run(cfg, hn_project)
+    fetch(cfg, hn_project)
+    result = prepare.run(cfg, HN, hn_project)
     df = prepare.load(hn_project, RECIPE)
     assert (result.rows, result.valid_rows) == (9999, 1999)
     assert df["is_valid"].tolist() == (df["file"] == "valid").tolist()
@@ -109,9 +110,9 @@ def test_bad_text_stops_at_validation_naming_each_rule(hn_project):
     archive = hn_project.data / cfg.source_file
     archive.parent.mkdir(parents=True, exist_ok=True)
     archive.write_bytes(tampered(tr, va))
-    prepare.run(cfg, hn_project)
+    prepare.run(cfg, HN, hn_project)
     with pytest.raises(validate.ValidationFailed) as e:
-        validate.run(cfg, hn_project)
+        validate.run(cfg, HN, hn_project)
     msg = str(e.value)
     for rule in ("expect_column_values_to_match_regex", "expect_column_values_to_be_between",
                  "expect_table_row_count_to_equal", "expect_column_values_to_not_be_null"):
@@ -120,10 +121,10 @@ def test_bad_text_stops_at_validation_naming_each_rule(hn_project):
 
 
 def test_model_config_rejects_unknown_arch_and_rnn3_window():
-    with pytest.raises(config.ConfigError, match="arch"):
-        hn.ModelConfig(arch="lstm")
-    with pytest.raises(config.ConfigError, match="seq_len must be 3"):
-        hn.ModelConfig(arch="rnn3", seq_len=16)
+    with pytest.raises(config.ConfigError, match=r"recipes\.human_numbers\.model\.arch: 'lstm'"):
+        config.parse(hn_params(arch="lstm"), recipes.Registry())
+    with pytest.raises(config.ConfigError, match=r"model\.seq_len: must be 3 for arch rnn3"):
+        config.parse(hn_params(arch="rnn3", seq_len=16), recipes.Registry())
 
 
 # ----------------------------------------------------------------------------- the lesson's models
@@ -196,16 +197,16 @@ def test_resume_at_an_epoch_boundary_is_exact():
 
 def test_full_stage_run_and_standalone_predict(hn_project, ray_session, tmp_path):
     cfg = hn_cfg(hn_project)
-    fetch(cfg, hn_project.data, hn_project.root)
-    prepare.run(cfg, hn_project)
-    assert validate.run(cfg, hn_project).success
-    result = train.run(cfg, hn_project, storage=hn_project.runs(".runs"), verbose=False)
-    assert result.epochs_run == 1
-    ev = evaluate.run(cfg, hn_project)
+    fetch(cfg, hn_project)
+    # every stage audited: it reads only the params and runs only the code dvc.yaml declares
+    done = run_pipeline(cfg, HN, hn_project, storage=hn_project.runs(".runs"))
+    assert done["validate"].success
+    assert done["train"].epochs_run == 1
+    ev = done["evaluate"]
     m = ev.metrics
     assert 0.3 < m["accuracy"] <= 1 and m["perplexity"] == pytest.approx(np.exp(m["valid_loss"]), rel=1e-4)
     assert ev.plot_path.read_bytes()[:4] == b"\x89PNG"
-    ex = export.run(cfg, hn_project)
+    ex = done["export"]
     assert ex.parity_max_diff <= cfg.export.parity_atol
     state = json.loads((ex.path / "preprocessing.json").read_text())
     assert state["itos"][:3] == ["xxunk", "xxpad", "xxbos"] and len(state["itos"]) == 40

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
 from torch import nn
 
-from coursepipe.learn import fine_tune, lr_finder, setup
+from coursepipe.config import evolve
+from coursepipe.learn import fine_tune, lr_finder, program
 from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
 from coursepipe.stages import prepare
 
@@ -50,18 +52,21 @@ def test_freeze_keeps_batchnorm_trainable():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_frozen_phase_trains_only_the_head_then_lrs_spread(prepared, adult_cfg):
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(adult_cfg, train=dataclasses.replace(adult_cfg.train, freeze_epochs=1))
-    parts = setup.build(cfg, prepare.load(prepared, "adult"), show=False)
+def quiet() -> program.Hooks:
+    return program.Hooks(show=False)
+
+
+def test_frozen_phase_trains_only_the_head_then_lrs_spread(prepared, adult_cfg, adult):
+    cfg = evolve(adult_cfg, train=evolve(adult_cfg.train, freeze_epochs=1))
+    parts = program.build(adult, cfg.model, cfg.train, prepare.load(prepared, "adult"), quiet())
     frozen, unfrozen = fine_tune.phases(cfg.train)
     emb_before = [p.detach().clone() for p in parts.groups[0]]
     head_before = [p.detach().clone() for p in parts.groups[-1]]
-    setup.enter_phase(parts, frozen, cfg.train)
+    program.enter_phase(parts, frozen, cfg.train)
     parts.learn.fit(1)
     assert all(torch.equal(a, b) for a, b in zip(emb_before, parts.groups[0]))
     assert not all(torch.equal(a, b) for a, b in zip(head_before, parts.groups[-1]))
-    setup.enter_phase(parts, unfrozen, cfg.train)
+    program.enter_phase(parts, unfrozen, cfg.train)
     parts.learn.fit(1, epoch_offset=1)
     lrs = [g["lr"] for g in parts.learn.opt.param_groups]
     assert lrs[0] / lrs[1] == pytest.approx(1 / cfg.train.lr_mult)
@@ -69,10 +74,9 @@ def test_frozen_phase_trains_only_the_head_then_lrs_spread(prepared, adult_cfg):
     assert [h["epoch"] for h in parts.recorder.history] == [0, 1]
 
 
-def test_lr_finder_suggests_and_restores(prepared, adult_cfg):
-    torch.manual_seed(0)
-    parts = setup.build(adult_cfg, prepare.load(prepared, "adult"), show=False)
-    setup.enter_phase(parts, fine_tune.phases(adult_cfg.train)[0], adult_cfg.train)
+def test_lr_finder_suggests_and_restores(prepared, adult_cfg, adult):
+    parts = program.build(adult, adult_cfg.model, adult_cfg.train, prepare.load(prepared, "adult"), quiet())
+    program.enter_phase(parts, fine_tune.phases(adult_cfg.train)[0], adult_cfg.train)
     before = {k: v.clone() for k, v in parts.model.state_dict().items()}
     result = lr_finder.lr_find(parts.learn, 1e-6, 10.0, num_it=60)
     assert 10 <= len(result["lrs"]) <= 60 and result["lrs"] == sorted(result["lrs"])
@@ -82,3 +86,43 @@ def test_lr_finder_suggests_and_restores(prepared, adult_cfg):
     assert result["lrs"][0] <= result["suggestions"]["steep"] <= result["lrs"][-1]
     assert all(torch.equal(v, parts.model.state_dict()[k]) for k, v in before.items())
     assert lr_finder.plot(result, "t")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the training program
+
+def test_the_program_runs_in_process_and_resumes_exactly_from_its_own_checkpoint(prepared, adult_cfg, adult):
+    """The function the Ray worker runs, with local hooks: its epoch-0 checkpoint state is plain
+    tensors and values (weights_only loads it), and a run resumed from it finishes exactly as the
+    uninterrupted run did (weights, optimiser, schedule position and RNG states restored)."""
+    frame = prepare.load(prepared, "adult")
+    t = evolve(adult_cfg.train, epochs=2)
+    saved = []
+
+    def keep(metrics, make_state):  # as the Ray hook does: serialise the state when it is made
+        buf = io.BytesIO()
+        torch.save(make_state(), buf)
+        saved.append(buf.getvalue())
+
+    whole = program.train(adult, adult_cfg.model, t, frame, program.Hooks(show=False, report=keep))
+    assert [h["epoch"] for h in whole.history] == [0, 1] and whole.start_epoch == 0
+    after_epoch0 = torch.load(io.BytesIO(saved[0]), weights_only=True)  # no pickled objects in it
+
+    resumed = program.train(adult, adult_cfg.model, t, frame,
+                            program.Hooks(show=False, resume=lambda: after_epoch0))
+    assert resumed.start_epoch == 1 and [h["epoch"] for h in resumed.history] == [0, 1]
+    assert resumed.history[0] == whole.history[0]
+    for key in ("train_loss", "valid_loss", "accuracy"):
+        assert resumed.history[1][key] == pytest.approx(whole.history[1][key], rel=1e-6), key
+
+
+def test_rng_state_round_trips_through_plain_values():
+    import random
+
+    import numpy as np
+
+    program.seed_everything(7)
+    state = program.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    program.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]

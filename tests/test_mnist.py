@@ -1,8 +1,10 @@
-"""mnist recipe: the synthetic sample, the manifest, bad inputs stopped by validation with the files
-named, and one full fetch -> ... -> export -> predict.py run on tiny generated digits."""
+"""mnist recipe: the synthetic sample, the manifest, bad inputs stopped by prepare's policy or by
+validation with the files named, and one full, audited fetch -> ... -> export -> predict.py run on
+tiny generated digits."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -13,11 +15,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import small_params, write_params
+from audit import run_pipeline
+from conftest import fetch, load_cfg, small_params, write_params
 
-from coursepipe import config
+from coursepipe import config, recipes
 from coursepipe.data.archive import deterministic_tgz
 from coursepipe.recipes import mnist
+
+MNIST = recipes.get("mnist")
 
 ROWS = 500  # synthetic training images: 50 per digit, 10 per digit in testing/
 
@@ -31,6 +36,14 @@ def mnist_params(**train) -> dict:
     return raw
 
 
+def load_cfg_from(raw: dict, project=None):
+    """mnist's typed config from a raw params dict (written into `project` when given)."""
+    if project is None:
+        return config.parse(raw, recipes.Registry()).recipe("mnist")
+    write_params(project.root, raw)
+    return load_cfg(project, "mnist")
+
+
 @pytest.fixture
 def mn_project(project):
     write_params(project.root, mnist_params())
@@ -39,7 +52,7 @@ def mn_project(project):
 
 @pytest.fixture
 def mn_cfg(mn_project):
-    return config.load(mn_project.params).recipe("mnist")
+    return load_cfg(mn_project, "mnist")
 
 
 def png(arr: np.ndarray, mode: str) -> bytes:
@@ -68,8 +81,12 @@ def test_read_raw_and_normalise_build_the_manifest(tmp_path):
     df = mnist.normalise(mnist.read_raw(tmp_path))
     assert list(df.columns) == list(mnist.COLUMNS) and len(df) == 60
     assert df["decodable"].all() and (df["width"] == 28).all() and set(df["mode"]) == {"L"}
-    assert (df["duplicate"] == "").all() and set(df["class_images"]) == {5, 1}
     assert mnist.split(df, None).sum() == 10
+    p = load_cfg_from(mnist_params()).prepare
+    prepared = MNIST.kind.prepare(MNIST, df, p)
+    assert prepared["is_valid"].sum() == 10 and (prepared["excluded"] == "").all()
+    # training images per class, on every row of the class (what min_per_class checks)
+    assert (prepared["duplicate"] == "").all() and set(prepared["class_images"]) == {5}
     with pytest.raises(FileNotFoundError, match="no mnist_png/ folder"):
         mnist.read_raw(tmp_path / "mnist_png")
 
@@ -77,12 +94,16 @@ def test_read_raw_and_normalise_build_the_manifest(tmp_path):
 def test_config_rejects_unknown_arch_and_mode():
     raw = mnist_params()
     raw["recipes"]["mnist"]["model"]["arch"] = "vgg"
-    with pytest.raises(config.ConfigError, match=r"recipes\.mnist\.model.*arch.*'vgg'"):
-        config.parse(raw)
+    with pytest.raises(config.ConfigError, match=r"recipes\.mnist\.model\.arch: 'vgg'"):
+        config.parse(raw, recipes.Registry())
     raw = mnist_params()
     raw["recipes"]["mnist"]["model"]["mode"] = "CMYK"
-    with pytest.raises(config.ConfigError, match="mode"):
-        config.parse(raw)
+    with pytest.raises(config.ConfigError, match=r"recipes\.mnist\.model\.mode: 'CMYK'"):
+        config.parse(raw, recipes.Registry())
+    raw = mnist_params()
+    raw["recipes"]["mnist"]["model"]["augment"]["max_zoom"] = 0.5
+    with pytest.raises(config.ConfigError, match=r"recipes\.mnist\.model\.augment\.max_zoom: must be >= 1"):
+        config.parse(raw, recipes.Registry())
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -105,45 +126,65 @@ def bad_archive() -> bytes:
     return deterministic_tgz(files)
 
 
-def test_bad_inputs_fail_validation_naming_the_files(mn_project, mn_cfg):
-    from coursepipe.stages import prepare, validate
+def test_unreadable_files_stop_prepare_naming_them(mn_project, mn_cfg):
+    from coursepipe.stages import prepare
 
     archive = mn_project.data / mn_cfg.source_file
     archive.parent.mkdir(parents=True)
     archive.write_bytes(bad_archive())
-    prepare.run(mn_cfg, mn_project)
-    with pytest.raises(validate.ValidationFailed) as err:
-        validate.run(mn_cfg, mn_project)
+    with pytest.raises(ValueError) as err:  # prepare.bad_images: error (the repo's mnist policy)
+        prepare.run(mn_cfg, MNIST, mn_project)
     msg = str(err.value)
+    assert "2 bad images (prepare.bad_images: error)" in msg
     assert "mnist_png/training/3/corrupt.png: cannot decode" in msg
     assert "mnist_png/training/4/empty.png: empty file (0 bytes)" in msg
+    assert not mn_project.prepared("mnist").exists()
+
+
+def test_excluded_files_are_listed_and_other_bad_inputs_fail_validation(mn_project):
+    from coursepipe.stages import prepare, validate
+
+    raw = mnist_params()
+    raw["recipes"]["mnist"]["prepare"]["bad_images"] = "exclude"
+    cfg = load_cfg_from(raw, mn_project)
+    archive = mn_project.data / cfg.source_file
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(bad_archive())
+    prepare.run(cfg, MNIST, mn_project)
+    with pytest.raises(validate.ValidationFailed) as err:
+        validate.run(cfg, MNIST, mn_project)
+    msg = str(err.value)
     assert "mnist_png/training/x/9.png" in msg and "'x'" in msg          # unknown label folder
     assert "mnist_png/testing/5/copy.png = mnist_png/training/5/1.png" in msg  # in both splits
     assert "2 rows" in msg                                                # ... counted per file
     assert "column 'mode'" not in msg  # the RGB image is converted by the declared rule
+    report = json.loads(mn_project.validation_report("mnist").read_text())
+    (excluded,) = [r for r in report["expectations"] if r["column"] == "excluded"
+                   and r["type"] == "expect_column_values_to_be_in_set"]
+    assert excluded["success"] and excluded["unexpected_count"] == 2      # listed, not failed on
     frame = prepare.load(mn_project, "mnist")
-    ok = frame[frame["decodable"] & frame["label"].isin(mnist.CLASSES)]
-    proc = mnist.fit_processor(ok[~ok["is_valid"]], mn_cfg.model)
+    ok = frame[(frame["excluded"] == "") & frame["label"].isin(mnist.CLASSES)]
+    proc = MNIST.kind.fit_processor(MNIST, ok[~ok["is_valid"]], cfg.model)
     assert proc["mode"] == "L" and proc["source_modes"]["RGB"] == 1 and proc["converted"] == 1
-    x, y = mnist.tensors(proc, ok)
+    x, y = MNIST.kind.tensors(MNIST, proc, ok)
     assert tuple(x.shape[1:]) == (1, 28, 28) and len(y) == len(ok)
 
 
 # ----------------------------------------------------------------------------- the stages
 
 def test_stages_end_to_end_and_predict_from_the_export_alone(mn_project, mn_cfg, ray_session, tmp_path):
-    from coursepipe.sources import fetch
-    from coursepipe.stages import evaluate, export, prepare, train, validate
-    from coursepipe.vision.evaluate import CONFUSED_CSV, TOP_LOSSES_PNG
+    from coursepipe.kinds.image import CONFUSED_CSV, TOP_LOSSES_PNG
+    from coursepipe.stages import prepare, train
 
     paths = mn_project
-    fetch(mn_cfg, paths.data, paths.root)
-    prepare.run(mn_cfg, paths)
-    assert validate.run(mn_cfg, paths).success
-    result = train.run(mn_cfg, paths, storage=paths.runs(".runs"), verbose=False)
+    fetch(mn_cfg, paths)
+    # every stage audited: it reads only the params and runs only the code dvc.yaml declares
+    done = run_pipeline(mn_cfg, MNIST, paths, storage=paths.runs(".runs"))
+    assert done["validate"].success
+    result = done["train"]
     assert len(result.history) == 8 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
-    m = evaluate.run(mn_cfg, paths).metrics
+    m = done["evaluate"].metrics
     assert m["n_valid"] == ROWS // 5 and m["accuracy"] > 0.3  # font digits: far above chance (0.1)
     plots = paths.plots("mnist")
     confused = pd.read_csv(plots / CONFUSED_CSV)
@@ -151,7 +192,7 @@ def test_stages_end_to_end_and_predict_from_the_export_alone(mn_project, mn_cfg,
     assert confused["count"].sum() == round(m["error_rate"] * m["n_valid"])
     assert (plots / TOP_LOSSES_PNG).read_bytes()[:4] == b"\x89PNG"
 
-    out = export.run(mn_cfg, paths)
+    out = done["export"]
     assert out.parity_max_diff <= mn_cfg.export.parity_atol
     # predict.py alone, from a copy of the folder, in a fresh interpreter, on image files
     alone = tmp_path / "alone"
@@ -166,9 +207,9 @@ def test_stages_end_to_end_and_predict_from_the_export_alone(mn_project, mn_cfg,
     proc = subprocess.run([sys.executable, str(alone / "predict.py"), *map(str, files), str(rgb)],
                           capture_output=True, text=True, cwd=tmp_path, check=True)
     got = pd.read_csv(io.StringIO(proc.stdout), dtype={"prediction": str})
-    model, processor, _ = train.load_model(paths, mn_cfg)
-    x, _ = mnist.tensors(processor, valid)
-    expected = [processor["classes"][i] for i in model(x).argmax(1).tolist()]
+    bundle = train.load_model(paths, MNIST)
+    x, _ = MNIST.kind.tensors(MNIST, bundle.processor, valid)
+    expected = [bundle.processor["classes"][i] for i in bundle.model(x).argmax(1).tolist()]
     assert got["prediction"].tolist() == expected + expected[:1]
     assert got["probability"].between(0, 1).all()
     bad = subprocess.run([sys.executable, str(alone / "predict.py"), str(tmp_path / "nope.png")],

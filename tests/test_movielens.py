@@ -15,11 +15,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_params, write_params
+from audit import run_pipeline, run_stage
+from conftest import fetch, load_cfg, small_params, write_params
 
-from coursepipe import config
+from coursepipe import config, recipes
+from coursepipe.config import evolve
 from coursepipe.export import portable_collab as port
+from coursepipe.kinds import collab
 from coursepipe.recipes import movielens as ml
+
+ML = recipes.get("movielens")
 
 ROWS = 10_000  # synthetic ratings: 298 users x 532 items
 
@@ -42,7 +47,7 @@ def ml_project(project):
 
 @pytest.fixture
 def ml_cfg(ml_project):
-    return config.load(ml_project.params).recipe("movielens")
+    return load_cfg(ml_project, "movielens")
 
 
 def write_ml100k(root: Path, rows: list[str], items: list[str] | None) -> Path:
@@ -120,8 +125,9 @@ def test_lookup_maps_unseen_and_non_integer_ids_to_na():
 @pytest.mark.parametrize("arch", ["dot", "nn"])
 def test_models_stay_inside_y_range(arch):
     torch.manual_seed(0)
-    cfg = ml.ModelConfig(arch=arch, n_factors=8, y_range=(0.0, 5.5))
-    model = ml.build_model({"users": list(range(20)), "items": list(range(30))}, cfg).eval()
+    cfg = collab.CollabModel(arch=arch, n_factors=8, y_range=(0.0, 5.5), nn_layers=(100,), nn_ps=(0.0,),
+                             nn_emb_drop=0.0)
+    model = ML.kind.build_model(ML, {"users": list(range(20)), "items": list(range(30))}, cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0).add_(torch.randn_like(p) * 50)  # huge weights: the sigmoid must still bound it
@@ -131,51 +137,48 @@ def test_models_stay_inside_y_range(arch):
 
 
 def test_config_rejects_bad_model_settings():
-    with pytest.raises(config.ConfigError, match="y_range"):
-        ml.ModelConfig(y_range=(5.5, 0.0))
     raw = ml_params()
-    raw["recipes"]["movielens"]["model"]["unseen"] = "drop"
-    with pytest.raises(config.ConfigError, match=r"model.unseen: 'drop' is not one of \['allow', 'error'\]"):
-        config.parse(raw)
+    raw["recipes"]["movielens"]["model"]["y_range"] = [5.5, 0.0]
+    with pytest.raises(config.ConfigError, match=r"recipes\.movielens\.model\.y_range: must be"):
+        config.parse(raw, recipes.Registry())
+    raw = ml_params()
+    raw["recipes"]["movielens"]["prepare"]["unseen"] = "drop"
+    with pytest.raises(config.ConfigError, match=r"prepare.unseen: 'drop' is not one of \['allow', 'error'\]"):
+        config.parse(raw, recipes.Registry())
 
 
 # ----------------------------------------------------------------------------- unseen policy
 
 def test_unseen_policy_counts_names_and_can_refuse(ml_cfg, capsys):
-    import dataclasses
-
-    from coursepipe.stages.prepare import split_mask
+    from coursepipe.data.split import split_mask
 
     df = pd.DataFrame({"user": np.arange(2000) % 50, "item": np.arange(2000) // 50,
                        "rating": 3.0, "timestamp": 1, "title": None})
     odd = int(np.flatnonzero(split_mask(len(df), ml_cfg.prepare.valid_pct, ml_cfg.prepare.seed))[0])
     df.loc[odd, ["user", "item"]] = [777, 888]  # a validation row with a new user and a new item
-    mask = ml.split(df, ml_cfg)
+    mask = ML.kind.prepare(ML, df, ml_cfg.prepare)["is_valid"].to_numpy()
     assert mask[odd] and mask.sum() == 200
     out = capsys.readouterr().out
     assert "1 valid user(s) unseen in training (1 rows) e.g. [777]" in out
     assert "1 valid item(s) unseen in training (1 rows) e.g. [888]" in out and "policy: allow" in out
-    strict = dataclasses.replace(ml_cfg, model=dataclasses.replace(ml_cfg.model, unseen="error"))
-    with pytest.raises(ValueError, match=r"model.unseen=error: 1 valid user\(s\).*\[777\].*\[888\]"):
-        ml.split(df, strict)
+    strict = evolve(ml_cfg.prepare, unseen="error")
+    with pytest.raises(ValueError, match=r"prepare.unseen=error: 1 valid user\(s\).*\[777\].*\[888\]"):
+        ML.kind.prepare(ML, df, strict)
 
 
 # ----------------------------------------------------------------------------- stages
 
 @pytest.fixture
 def ml_prepared(ml_project, ml_cfg):
-    from coursepipe.sources import fetch
-    from coursepipe.stages import prepare
-
-    fetch(ml_cfg, ml_project.data, ml_project.root)
-    prepare.run(ml_cfg, ml_project)
+    fetch(ml_cfg, ml_project)
+    run_stage("prepare", ml_cfg, ML, ml_project)  # audited: reads and code within dvc.yaml's
     return ml_project
 
 
 def test_validation_names_column_rule_and_values_of_bad_ratings(ml_prepared, ml_cfg):
     from coursepipe.stages import prepare, validate
 
-    assert validate.run(ml_cfg, ml_prepared).success  # the synthetic sample passes as generated
+    assert validate.run(ml_cfg, ML, ml_prepared).success  # the synthetic sample passes as generated
     table = ml_prepared.prepared("movielens") / prepare.TABLE
     df = pd.read_parquet(table)
     df.loc[3, "rating"] = 7.0                                    # off the 0.5..5 scale
@@ -184,7 +187,7 @@ def test_validation_names_column_rule_and_values_of_bad_ratings(ml_prepared, ml_
     df.loc[5, "user"] = 2.5                                      # not an id
     df.to_parquet(table, index=False)
     with pytest.raises(validate.ValidationFailed) as e:
-        validate.run(ml_cfg, ml_prepared)
+        validate.run(ml_cfg, ML, ml_prepared)
     msg = str(e.value)
     assert "column 'rating' expect_column_values_to_be_between: 1 rows" in msg and "[7.0]" in msg
     assert "expect_compound_columns_to_be_unique: 2 rows" in msg
@@ -198,11 +201,12 @@ def test_validation_names_column_rule_and_values_of_bad_ratings(ml_prepared, ml_
 
 def test_stages_end_to_end_and_predict_from_the_export_alone(ml_prepared, ml_cfg, ray_session, tmp_path,
                                                             capsys):
-    from coursepipe.stages import evaluate, export, prepare, train
+    from coursepipe.stages import prepare, train
 
     paths = ml_prepared
-    train.run(ml_cfg, paths, storage=paths.runs(".runs"), verbose=False)
-    result = evaluate.run(ml_cfg, paths)
+    # every stage audited: it reads only the params and runs only the code dvc.yaml declares
+    done = run_pipeline(ml_cfg, ML, paths, paths.runs(".runs"), stages=("validate", "train", "evaluate", "export"))
+    result = done["evaluate"]
     m = result.metrics
     valid = prepare.load(paths, "movielens").query("is_valid")
     assert m["n_valid"] == len(valid) == ROWS // 10
@@ -210,14 +214,14 @@ def test_stages_end_to_end_and_predict_from_the_export_alone(ml_prepared, ml_cfg
     # better than always predicting the training mean: the factors and biases learned something
     assert m["mse"] < 0.9 * float(((valid["rating"] - valid["rating"].mean()) ** 2).mean())
     plots = paths.plots("movielens")
-    ranking = pd.read_csv(plots / ml.BIAS_CSV)
-    assert len(ranking) == 2 * ml_cfg.model.interpret_show and set(ranking["end"]) == {"top", "bottom"}
+    ranking = pd.read_csv(plots / collab.BIAS_CSV)
+    assert len(ranking) == 2 * ml_cfg.evaluate.interpret_show and set(ranking["end"]) == {"top", "bottom"}
     top, bottom = ranking.query("end == 'top'")["bias"], ranking.query("end == 'bottom'")["bias"]
     assert top.is_monotonic_decreasing and top.min() > bottom.max()
     assert ranking["title"].str.contains("(synthetic)", regex=False).all()
-    assert result.plot_path == plots / ml.PCA_PNG and result.plot_path.read_bytes()[:4] == b"\x89PNG"
+    assert result.plot_path == plots / collab.PCA_PNG and result.plot_path.read_bytes()[:4] == b"\x89PNG"
 
-    out = export.run(ml_cfg, paths)
+    out = done["export"]
     assert out.parity_max_diff <= ml_cfg.export.parity_atol
     # predict.py alone, from a copy of the folder, in a fresh interpreter
     alone = tmp_path / "alone"
@@ -229,10 +233,10 @@ def test_stages_end_to_end_and_predict_from_the_export_alone(ml_prepared, ml_cfg
     proc = subprocess.run([sys.executable, str(alone / "predict.py"), str(tmp_path / "rows.csv")],
                           capture_output=True, text=True, cwd=tmp_path, check=True)
     got = pd.read_csv(io.StringIO(proc.stdout))
-    model, processor, _ = train.load_model(paths, ml_cfg)
+    bundle = train.load_model(paths, ML)
     with torch.no_grad():
-        users, items, _ = ml.tensors(processor, valid.head(5))
-        expected = model(users, items).numpy()
+        users, items, _ = ML.kind.tensors(ML, bundle.processor, valid.head(5))
+        expected = bundle.model(users, items).numpy()
     np.testing.assert_allclose(got["prediction"].to_numpy()[:5], expected, atol=1e-4)
     assert got["known_user"].tolist() == [True] * 5 + [False]
     # --user ranks every known item; the copied predict.py, imported from its file, needs no coursepipe
@@ -248,19 +252,16 @@ def test_stages_end_to_end_and_predict_from_the_export_alone(ml_prepared, ml_cfg
 
 def test_nn_arch_evaluates_and_exports_without_training(ml_prepared, ml_cfg):
     """The embedding-NN variant through evaluate and export (untrained weights: no Ray fit)."""
-    import dataclasses
-
     from coursepipe.stages import evaluate, export, prepare, train
 
-    cfg = dataclasses.replace(ml_cfg, model=dataclasses.replace(ml_cfg.model, arch="nn"),
-                              export=dataclasses.replace(ml_cfg.export, parity_rows=64))
+    cfg = evolve(ml_cfg, model=evolve(ml_cfg.model, arch="nn"), export=evolve(ml_cfg.export, parity_rows=64))
     frame = prepare.load(ml_prepared, "movielens")
-    processor = ml.fit_processor(frame[~frame["is_valid"]], cfg.model)
+    processor = ML.kind.fit_processor(ML, frame[~frame["is_valid"]], cfg.model)
     torch.manual_seed(0)
-    model = ml.build_model(processor, cfg.model)
+    model = ML.kind.build_model(ML, processor, cfg.model)
     train.save_bundle(ml_prepared, cfg, model.state_dict(), processor, [], summary={})
-    m = evaluate.run(cfg, ml_prepared).metrics
+    m = evaluate.run(cfg, ML, ml_prepared).metrics
     assert m["n_valid"] == ROWS // 10 and 0 < m["mse"] < 25
-    ranking = pd.read_csv(ml_prepared.plots("movielens") / ml.BIAS_CSV)
+    ranking = pd.read_csv(ml_prepared.plots("movielens") / collab.BIAS_CSV)
     assert "mean_prediction" in ranking.columns  # nn has no bias: ranked by mean predicted rating
-    assert export.run(cfg, ml_prepared).parity_max_diff <= cfg.export.parity_atol
+    assert export.run(cfg, ML, ml_prepared).parity_max_diff <= cfg.export.parity_atol

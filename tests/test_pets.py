@@ -20,29 +20,36 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import small_params, write_params
+from audit import run_pipeline
+from conftest import fetch, load_cfg, small_params, write_params
 
-from coursepipe import config
+from coursepipe import config, recipes
 from coursepipe.data.archive import deterministic_tgz
 from coursepipe.models import transfer
 from coursepipe.recipes import own_images, pets
 
 SIDE = 32
+PETS, OWN = recipes.get("pets"), recipes.get("own_images")
+PREPARE_KEYS = ("bad_images", "label_regex", "min_size")
+TIMEOUT = 5.0
 
 
-def tiny_params(recipe: str, rows: int = 48, **model) -> dict:
+def tiny_params(recipe: str, rows: int = 48, **changes) -> dict:
+    """The recipe's real section, shrunk; `changes` go to prepare: (PREPARE_KEYS) or model:."""
     raw = small_params(recipes=(recipe,))
     sec = raw["recipes"][recipe]
     sec["sources"]["synthetic"]["rows"] = rows
     sec["validate"].update({"min_rows": 10, "min_per_class": 1})
-    sec["model"].update({"arch": "resnet18", "size": [SIDE, SIDE], "lin_ftrs": [16], **model})
+    sec["prepare"].update({k: v for k, v in changes.items() if k in PREPARE_KEYS})
+    sec["model"].update({"arch": "resnet18", "size": [SIDE, SIDE], "lin_ftrs": [16],
+                         **{k: v for k, v in changes.items() if k not in PREPARE_KEYS}})
     sec["train"].update({"epochs": 1, "freeze_epochs": 1, "bs": 16, "num_workers": 1})
     sec["export"]["parity_rows"] = 16
     return raw
 
 
 def cfg_of(raw: dict, recipe: str):
-    return config.parse(raw).recipe(recipe)
+    return config.parse(raw, recipes.Registry()).recipe(recipe)
 
 
 def jpeg(side: int, seed: int = 0) -> bytes:
@@ -73,15 +80,15 @@ def with_bad_files(blob: bytes, root: str) -> bytes:
 def test_synthetic_samples_are_deterministic_labelled_and_in_the_course_layouts(tmp_path):
     blob = pets.synthesize(16, seed=1)
     assert blob == pets.synthesize(16, seed=1) and blob != pets.synthesize(16, seed=2)
-    df = pets.read_raw(extract(blob, tmp_path / "p"))
+    df = pets.read_raw(extract(blob, tmp_path / "p"), cfg_of(tiny_params("pets"), "pets").prepare)
     assert len(df) == 16 and df["path"].str.match(r"^oxford-iiit-pet/images/synthetic-\w+-\w+_\d+\.jpg$").all()
     assert (tmp_path / "p/oxford-iiit-pet/SYNTHETIC.txt").is_file()
     assert set(df["mode"]) == {"RGB"} and set(df["width"]) == {64}
     ow = own_images.read_raw(extract(own_images.synthesize(8, seed=0), tmp_path / "o"))
     assert set(ow["label"]) == set(own_images.SHAPES)
     assert {Path(p).suffix for p in ow["path"]} == {".jpg", ".png"}
-    ow = own_images.normalise(ow)
-    mask = own_images.split(ow, cfg_of(tiny_params("own_images"), "own_images"))
+    ow = OWN.kind.prepare(OWN, own_images.normalise(ow), cfg_of(tiny_params("own_images"), "own_images").prepare)
+    mask = ow["is_valid"].to_numpy()
     assert mask.sum() == 2 and (ow["excluded"] == "").all() and (ow["duplicate"] == "").all()
     assert ow.loc[mask, "class_images"].tolist() == [ow.loc[~mask, "label"].eq(l).sum() for l in ow.loc[mask, "label"]]
 
@@ -93,8 +100,9 @@ def test_pets_labels_by_regex_and_excludes_bad_files_listing_them(tmp_path, caps
     files = {f"{root}/noname.jpg": jpeg(40)}  # matches no label_regex: excluded too
     with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
         files.update({m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()})
-    df = pets.normalise(pets.read_raw(extract(deterministic_tgz(files), tmp_path)))
-    mask = pets.split(df, cfg)
+    p = cfg.prepare
+    df = PETS.kind.prepare(PETS, pets.normalise(pets.read_raw(extract(deterministic_tgz(files), tmp_path), p)), p)
+    mask = df["is_valid"].to_numpy()
     bad = df[df["excluded"] != ""]
     assert sorted(Path(p).name for p in bad["path"]) == ["corrupt_1.jpg", "empty_2.jpg", "noname.jpg", "tiny_3.jpg"]
     assert not mask[df["excluded"] != ""].any()  # never validation rows: evaluate/export never see them
@@ -104,22 +112,24 @@ def test_pets_labels_by_regex_and_excludes_bad_files_listing_them(tmp_path, caps
     assert "tiny_3.jpg: too small (16x16 < min_size 32)" in reasons and "empty file" in reasons
     assert "noname.jpg: file name does not match label_regex" in reasons
     assert "excluded 4 of 28 images" in capsys.readouterr().out
-    proc = pets.fit_processor(df[~mask], cfg.model)
-    x, y = pets.tensors(proc, df[~mask])
+    proc = PETS.kind.fit_processor(PETS, df[~mask], cfg.model)
+    x, y = PETS.kind.tensors(PETS, proc, df[~mask])
     assert x.shape == (24 - mask.sum(), 3, SIDE, SIDE) and x.dtype == torch.uint8 and len(y) == len(x)
 
-    strict = cfg_of(tiny_params("pets", bad_images="error"), "pets")
+    strict = cfg_of(tiny_params("pets", bad_images="error"), "pets").prepare
     with pytest.raises(ValueError, match=r"4 bad images.*corrupt_1\.jpg"):
-        pets.split(pets.normalise(pets.read_raw(tmp_path)), strict)
-    nomatch = cfg_of(tiny_params("pets", label_regex=r"^(\d+)\.png$"), "pets")
+        PETS.kind.prepare(PETS, pets.normalise(pets.read_raw(tmp_path, strict)), strict)
+    nomatch = cfg_of(tiny_params("pets", label_regex=r"^(\d+)\.png$"), "pets").prepare
     with pytest.raises(ValueError, match=r"label_regex '\^\(\\d\+\)\\.png\$' matches none of the 28 file names"):
-        pets.split(pets.normalise(pets.read_raw(tmp_path)), nomatch)
+        pets.read_raw(tmp_path, nomatch)
 
 
 def test_config_rejects_bad_arch_policy_and_regex():
-    for key, value, match in (("arch", "vgg16", "arch"), ("bad_images", "delete", "bad_images"),
-                              ("label_regex", "(", "not a regex"), ("label_regex", "x", "needs a group")):
-        with pytest.raises(config.ConfigError, match=rf"recipes\.pets\.model.*{match}"):
+    for key, value, match in (("arch", "vgg16", r"model\.arch"), ("bad_images", "delete", r"prepare\.bad_images"),
+                              ("label_regex", "(", r"prepare\.label_regex.*not a regex"),
+                              ("label_regex", "x", r"prepare\.label_regex.*needs a group"),
+                              ("mode", "L", r"model\.mode: a pretrained backbone reads RGB")):
+        with pytest.raises(config.ConfigError, match=rf"recipes\.pets\.{match}"):
             cfg_of(tiny_params("pets", **{key: value}), "pets")
 
 
@@ -154,11 +164,11 @@ def test_weights_from_a_local_checkpoint_and_a_bundle(tmp_path):
         if source.name == "model.pt":  # this project's trained bundle: {'state_dict': ...}
             torch.save({"state_dict": src.state_dict(), "processor": {}}, source)
         dst = small_net(2)
-        assert transfer.load_backbone(dst, transfer.resolve(str(source), str(tmp_path), None), str(source)) > 0
+        assert transfer.load_backbone(dst, transfer.resolve(str(source), str(tmp_path), None, TIMEOUT), str(source)) > 0
         assert torch.equal(dst.backbone.conv1.weight, src.backbone.conv1.weight)
         assert not torch.equal(dst.head[4].weight, src.head[4].weight)  # the head stays new
     with pytest.raises(transfer.WeightsError, match="nope.pt: no such file"):
-        transfer.resolve(str(tmp_path / "nope.pt"), str(tmp_path), None)
+        transfer.resolve(str(tmp_path / "nope.pt"), str(tmp_path), None, TIMEOUT)
     other = transfer.TransferNet("resnet50", 3, [0.5] * 3, [0.25] * 3, lin_ftrs=(8,))
     with pytest.raises(transfer.WeightsError, match="does not fit this backbone"):
         transfer.load_backbone(other, path, "backbone.pt")
@@ -186,25 +196,25 @@ def test_weights_from_a_url_are_hash_checked_and_cached_once(tmp_path, loopback)
     cache = tmp_path / "cache"
 
     with pytest.raises(transfer.WeightsError) as err:  # wrong hash: named source, nothing kept
-        transfer.resolve(f"{base}/resnet18-abc.pth", str(cache), "0" * 64)
+        transfer.resolve(f"{base}/resnet18-abc.pth", str(cache), "0" * 64, TIMEOUT)
     assert f"{base}/resnet18-abc.pth" in str(err.value) and "nothing was cached" in str(err.value)
     assert not cache.exists() or not any(cache.iterdir())
 
-    got = transfer.resolve(f"{base}/resnet18-abc.pth", str(cache), digest)
+    got = transfer.resolve(f"{base}/resnet18-abc.pth", str(cache), digest, TIMEOUT)
     assert got == cache / "resnet18-abc.pth"
     (www / "resnet18-abc.pth").unlink()  # the second use reads the verified cache, no download
-    assert transfer.resolve(f"{base}/resnet18-abc.pth", str(cache), digest) == got
+    assert transfer.resolve(f"{base}/resnet18-abc.pth", str(cache), digest, TIMEOUT) == got
     dst = small_net(4)
     transfer.load_backbone(dst, got, "url")
     assert torch.equal(dst.backbone.layer4[1].conv2.weight, src.backbone.layer4[1].conv2.weight)
 
     # torchvision's own rule: the file name's -<hex>. is a prefix of the sha256
     shutil.copy(got, www / f"resnet18-{digest[:8]}.pth")
-    assert transfer.resolve(f"{base}/resnet18-{digest[:8]}.pth", str(cache), None).is_file()
+    assert transfer.resolve(f"{base}/resnet18-{digest[:8]}.pth", str(cache), None, TIMEOUT).is_file()
     with pytest.raises(transfer.WeightsError, match="cannot download.*Offline"):
-        transfer.resolve(f"{base}/missing-{digest[:8]}.pth", str(cache), None)
+        transfer.resolve(f"{base}/missing-{digest[:8]}.pth", str(cache), None, TIMEOUT)
     with pytest.raises(transfer.WeightsError, match="no model.weights_sha256"):
-        transfer.resolve(f"{base}/plain.pth", str(cache), None)
+        transfer.resolve(f"{base}/plain.pth", str(cache), None, TIMEOUT)
 
 
 def test_pretrained_weights_load_only_at_the_start_of_a_fresh_run(tmp_path):
@@ -216,7 +226,7 @@ def test_pretrained_weights_load_only_at_the_start_of_a_fresh_run(tmp_path):
     x, y = torch.rand(8, 3, SIDE, SIDE), torch.randint(0, 3, (8,))
     learn = Learner(net, lambda epoch: [(x, y)], lambda: [(x, y)], torch.nn.CrossEntropyLoss(),
                     torch.optim.SGD(net.parameters(), lr=0.0),
-                    cbs=[transfer.LoadPretrained(str(path), str(tmp_path), None)])
+                    cbs=[transfer.LoadPretrained(str(path), str(tmp_path), None, TIMEOUT)])
     learn.fit(1)
     assert torch.equal(net.backbone.conv1.weight, src.backbone.conv1.weight)
     with torch.no_grad():
@@ -228,8 +238,7 @@ def test_pretrained_weights_load_only_at_the_start_of_a_fresh_run(tmp_path):
 # ----------------------------------------------------------------------------- the stages
 
 def test_pets_stages_end_to_end_from_a_local_backbone(project, ray_session, tmp_path):
-    from coursepipe.sources import fetch
-    from coursepipe.stages import evaluate, export, prepare, train, validate
+    from coursepipe.stages import prepare, train
     from coursepipe.validation.suites import init_suite
 
     paths = project
@@ -241,28 +250,29 @@ def test_pets_stages_end_to_end_from_a_local_backbone(project, ray_session, tmp_
         "path": str(archive), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}
     raw["recipes"]["pets"]["source"] = "bad"
     write_params(paths.root, raw)
-    cfg = config.load(paths.params).recipe("pets")
+    cfg = load_cfg(paths, "pets")
 
-    init_suite(cfg, paths)  # the committed suite wants >= 100 images; this one is baked for 51
-    fetch(cfg, paths.data, paths.root)
-    assert prepare.run(cfg, paths).rows == 51
-    report = validate.run(cfg, paths)
-    excluded = next(r for r in pd.read_json(report.report, typ="series")["expectations"]
+    init_suite(cfg, PETS, paths)  # the committed suite wants >= 100 images; this one is baked for 51
+    fetch(cfg, paths)
+    # every stage audited: it reads only the params and runs only the code dvc.yaml declares
+    done = run_pipeline(cfg, PETS, paths, storage=paths.runs(".runs"))
+    assert done["prepare"].rows == 51
+    excluded = next(r for r in pd.read_json(done["validate"].report, typ="series")["expectations"]
                     if r["column"] == "excluded" and r["type"] == "expect_column_values_to_be_in_set")
     assert excluded["success"] and excluded["unexpected_count"] == 3
     assert any("corrupt_1.jpg: cannot decode" in e for e in excluded["examples"])
 
-    result = train.run(cfg, paths, storage=paths.runs(".runs"), verbose=False)
-    assert len(result.history) == 2  # freeze_epochs 1 + epochs 1
-    model, processor, _ = train.load_model(paths, cfg)
+    assert len(done["train"].history) == 2  # freeze_epochs 1 + epochs 1
+    bundle = train.load_model(paths, PETS)
+    model, processor = bundle.model, bundle.processor
     # the body started from backbone.pt: frozen, then 1 epoch at lr / 2 / lr_mult, so it barely moved
     start = torch.load(backbone)["conv1.weight"]
     assert (model.backbone.conv1.weight - start).abs().max() < 0.01 < (small_net(8).backbone.conv1.weight - start).abs().max()
     assert len(processor["classes"]) == 8
 
-    m = evaluate.run(cfg, paths).metrics
+    m = done["evaluate"].metrics
     assert m["n_valid"] == round(48 * 0.2) and 0 <= m["accuracy"] <= 1
-    out = export.run(cfg, paths)
+    out = done["export"]
     assert out.parity_max_diff <= cfg.export.parity_atol
     valid = prepare.load(paths, "pets").query("is_valid").head(3)
     files = []
@@ -272,7 +282,7 @@ def test_pets_stages_end_to_end_from_a_local_backbone(project, ray_session, tmp_
     proc = subprocess.run([sys.executable, str(out.path / "predict.py"), *map(str, files)],
                           capture_output=True, text=True, cwd=tmp_path, check=True)
     got = pd.read_csv(io.StringIO(proc.stdout))
-    x, _ = pets.tensors(processor, valid)
+    x, _ = PETS.kind.tensors(PETS, processor, valid)
     with torch.no_grad():
         expected = [processor["classes"][i] for i in model(x).argmax(1).tolist()]
     assert got["prediction"].tolist() == expected
@@ -285,4 +295,23 @@ def test_missing_weights_stop_the_train_stage_before_ray_starts(tmp_path):
     cfg = cfg_of(tiny_params("pets", weights=str(tmp_path / "nope.pth")), "pets")
     # no prepared data and no Ray session: prefetch must fail first, naming the file
     with pytest.raises(transfer.WeightsError, match="nope.pth"):
-        train.run(cfg, Paths(tmp_path), storage=str(tmp_path / ".runs"))
+        train.run(cfg, PETS, Paths(tmp_path), storage=str(tmp_path / ".runs"))
+
+
+def test_own_images_stages_end_to_end_from_scratch(project, ray_session):
+    """Lesson 2's folder layout through every stage, audited (no pretrained weights: `none`)."""
+    from coursepipe.validation.suites import init_suite
+
+    raw = tiny_params("own_images", rows=40)
+    raw["recipes"]["own_images"]["validate"]["min_per_class"] = 2
+    write_params(project.root, raw)
+    cfg = load_cfg(project, "own_images")
+    init_suite(cfg, OWN, project)  # the committed suite is baked for the 400-image default
+    fetch(cfg, project)
+    done = run_pipeline(cfg, OWN, project, storage=project.runs(".runs"))
+    assert done["prepare"].rows == 40 and done["validate"].success
+    assert [h["epoch"] for h in done["train"].history] == [0, 1]
+    m = done["evaluate"].metrics
+    assert m["n_valid"] == 8 and set(own_images.SHAPES) >= {k.removeprefix("n_actual_") for k in m
+                                                             if k.startswith("n_actual_")}
+    assert done["export"].parity_max_diff <= cfg.export.parity_atol

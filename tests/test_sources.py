@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import small_params, write_params
-from coursepipe import config
+from coursepipe import recipes
 from coursepipe.data.archive import deterministic_tgz
 from coursepipe.sources import SourceError, fetch
 
@@ -88,11 +88,12 @@ def cfg_for(root, **source):
     adult = raw["recipes"]["adult"]
     adult["sources"]["web"] = source
     adult["source"] = "web"
-    return config.load(write_params(root, raw)).recipe("adult")
+    return recipes.load_params(write_params(root, raw)).recipe("adult")
 
 
 def fetch_into(root, cfg, **kw):
-    return fetch(cfg, root / "data", root, **kw)
+    gen = cfg.active_source.generate
+    return fetch(cfg, root / "data", root, synthesize=recipes.get(gen).synthesize if gen else None, **kw)
 
 
 def data_listing(root) -> list[str]:

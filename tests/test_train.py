@@ -1,19 +1,18 @@
 """Real Ray Train runs (2 CPU workers, gloo) on a tiny synthetic adult table."""
 from __future__ import annotations
 
-import dataclasses
-
 import pandas as pd
-import pytest
 import torch
 
+from audit import run_stage
+from coursepipe.config import evolve
 from coursepipe.data.batches import shard_batches
 from coursepipe.distributed import ray_train
 from coursepipe.stages import prepare, train
 
 
 def with_train(cfg, **kw):
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
+    return evolve(cfg, train=evolve(cfg.train, **kw))
 
 
 def majority_rate(paths) -> float:
@@ -39,11 +38,11 @@ def test_shards_are_disjoint_and_equal_sized():
     assert [b.tolist() for b in again] == [b.tolist() for b in shards[0]]  # resume replays
 
 
-def test_two_workers_fine_tune_and_a_restart_resumes(prepared, adult_cfg, ray_session):
+def test_two_workers_fine_tune_and_a_restart_resumes(prepared, adult_cfg, adult, ray_session):
     # fine_tune: 1 frozen epoch, then 1 unfrozen; DDP is re-wrapped at the phase change
     cfg = with_train(adult_cfg, num_workers=2, freeze_epochs=1, epochs=1)
     storage = prepared.runs(".runs")
-    first = train.run(cfg, prepared, storage=storage, verbose=False)
+    first = run_stage("train", cfg, adult, prepared, storage=storage, verbose=False)  # audited
 
     assert [h["epoch"] for h in first.history] == [0, 1]
     assert first.history[-1]["accuracy"] > majority_rate(prepared) + 0.03
@@ -51,26 +50,29 @@ def test_two_workers_fine_tune_and_a_restart_resumes(prepared, adult_cfg, ray_se
     assert len(first.rank_checksums) == 2 and first.rank_checksums[0] == first.rank_checksums[1]
     hist = pd.read_csv(prepared.history("adult"))
     assert list(hist["epoch"]) == [0, 1] and "valid_loss" in hist
-    model, processor, bundle = train.load_model(prepared, cfg)
-    assert bundle["run_name"] == first.run_name
+    bundle = train.load_model(prepared, adult)
+    assert bundle.run_name == first.run_name
 
     # Same params and data: the run name repeats, Ray finds the finished run's last checkpoint,
     # and nothing is trained again; the saved weights are the checkpoint's.
-    again = train.run(cfg, prepared, storage=storage, verbose=False)
+    again = train.run(cfg, adult, prepared, storage=storage, verbose=False)
     assert again.run_name == first.run_name
     assert again.history == first.history
     assert again.train_seconds < first.train_seconds / 2
-    _, _, bundle2 = train.load_model(prepared, cfg)
-    for k, v in bundle["state_dict"].items():
-        assert torch.equal(v, bundle2["state_dict"][k]), k
+    bundle2 = train.load_model(prepared, adult)
+    for k, v in bundle.model.state_dict().items():
+        assert torch.equal(v, bundle2.model.state_dict()[k]), k
 
 
-def test_interrupted_run_continues_from_its_checkpoint(prepared, adult_cfg, ray_session):
+def test_interrupted_run_continues_from_its_checkpoint(prepared, adult_cfg, adult, ray_session):
     frame = prepare.load(prepared, "adult")
     storage = prepared.runs(".runs")
-    one = ray_train.fit(with_train(adult_cfg, epochs=1), frame, storage, "resume-test", verbose=False)
+    m = adult_cfg.model
+    one = ray_train.fit(adult, m, with_train(adult_cfg, epochs=1).train, frame, storage, "resume-test",
+                        verbose=False)
     # A longer run under the same name picks up after epoch 0 instead of starting over.
-    two = ray_train.fit(with_train(adult_cfg, epochs=2), frame, storage, "resume-test", verbose=False)
+    two = ray_train.fit(adult, m, with_train(adult_cfg, epochs=2).train, frame, storage, "resume-test",
+                        verbose=False)
     assert two.start_epoch == 1
     assert two.history[0] == one.history[0]
     assert [h["epoch"] for h in two.history] == [0, 1]
@@ -92,27 +94,24 @@ def _train_workers(since: float):
     return found
 
 
-def test_a_killed_worker_is_survived(project, ray_session):
+def test_a_killed_worker_is_survived(project, adult, ray_session):
     """SIGKILL a worker mid-run: FailureConfig restarts the group, which resumes from the last
     checkpoint; the run finishes with every epoch exactly once."""
     import threading
     import time
 
-    from coursepipe import config
-    from coursepipe.sources import fetch
-    from conftest import small_params, write_params
+    from conftest import fetch, load_cfg, small_params, write_params
 
     write_params(project.root, small_params(rows=30000))
-    cfg = config.load(project.params).recipe("adult")
-    cfg = with_train(cfg, num_workers=2, epochs=4, max_failures=1)
-    fetch(cfg, project.data, project.root)
-    prepare.run(cfg, project)
+    cfg = with_train(load_cfg(project), num_workers=2, epochs=4, max_failures=1)
+    fetch(cfg, project)
+    prepare.run(cfg, adult, project)
     frame = prepare.load(project, "adult")
     storage = project.runs(".runs")
     out = {}
     since = time.time() - 1  # create_time has ~10 ms resolution
     fitter = threading.Thread(target=lambda: out.update(
-        result=ray_train.fit(cfg, frame, storage, "kill-test", verbose=False)))
+        result=ray_train.fit(adult, cfg.model, cfg.train, frame, storage, "kill-test", verbose=False)))
     fitter.start()
     snapshot = project.root / ".runs" / "kill-test" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 120

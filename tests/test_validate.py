@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from coursepipe.config import ConfigError
-from coursepipe.recipes import adult
+from audit import run_stage
+from coursepipe import recipes
+from coursepipe.recipes import adult as adult_module
 from coursepipe.stages import prepare
 from coursepipe.stages.validate import ValidationFailed, run
 from coursepipe.validation.suites import expectation_specs, init_suite
@@ -32,7 +34,7 @@ def committed_files(gx_dir: Path) -> dict[str, bytes]:
 
 def failure(cfg, paths) -> str:
     with pytest.raises(ValidationFailed) as e:
-        run(cfg, paths)
+        run(cfg, recipes.get("adult"), paths)
     report = json.loads(paths.validation_report("adult").read_text())
     assert report["success"] is False and report["failed"] >= 1  # written before raising
     return str(e.value)
@@ -40,7 +42,7 @@ def failure(cfg, paths) -> str:
 
 def test_clean_data_passes_quietly_and_leaves_committed_gx_alone(prepared, adult_cfg, capfd):
     before = committed_files(prepared.gx)
-    result = run(adult_cfg, prepared)
+    result = run_stage("validate", adult_cfg, recipes.get("adult"), prepared)  # audited
 
     assert result.success and result.failed == 0
     suite = json.loads(prepared.suite("adult").read_text())
@@ -55,7 +57,7 @@ def test_clean_data_passes_quietly_and_leaves_committed_gx_alone(prepared, adult
     assert occupation_nulls["success"] and occupation_nulls["unexpected_count"] > 0  # tolerated
     assert (prepared.root / report["data_docs"]).is_file() and result.data_docs.name == "index.html"
     # a second run (add_or_update of the checkpoint) must not rewrite committed files either
-    run(adult_cfg, prepared)
+    run(adult_cfg, recipes.get("adult"), prepared)
     assert committed_files(prepared.gx) == before
     assert "Calculating Metrics" not in capfd.readouterr().err
 
@@ -88,7 +90,7 @@ def test_bad_values_fail_naming_column_rule_and_values(prepared, adult_cfg):
     # a policy tolerating 1% unknown categories lets 7 of ~1900 workclass values through
     lenient = dataclasses.replace(adult_cfg, validate=dataclasses.replace(
         adult_cfg.validate, unknown_category=0.01))
-    init_suite(lenient, prepared)
+    init_suite(lenient, recipes.get("adult"), prepared)
     msg = failure(lenient, prepared)
     assert "(2 of " in msg and "Pirate" not in msg and "'salary'" in msg
 
@@ -113,16 +115,16 @@ def test_hand_edited_suite_is_honoured(prepared, adult_cfg):
 def test_missing_suite_names_the_command(prepared, adult_cfg):
     prepared.suite("adult").unlink()
     with pytest.raises(FileNotFoundError, match="coursepipe gx-init adult"):
-        run(adult_cfg, prepared)
+        run(adult_cfg, recipes.get("adult"), prepared)
 
 
 def test_init_suite_writes_a_quiet_stable_context(tmp_path, adult_cfg):
     from coursepipe.paths import Paths
 
     paths = Paths(tmp_path)
-    suite_path = init_suite(adult_cfg, paths)
+    suite_path = init_suite(adult_cfg, recipes.get("adult"), paths)
     first = committed_files(paths.gx)
-    assert init_suite(adult_cfg, paths) == suite_path and committed_files(paths.gx) == first
+    assert init_suite(adult_cfg, recipes.get("adult"), paths) == suite_path and committed_files(paths.gx) == first
     assert "globally: false" in (paths.gx / "great_expectations.yml").read_text()
     assert "uncommitted/" in (paths.gx / ".gitignore").read_text()
 
@@ -132,14 +134,14 @@ def test_init_suite_writes_a_quiet_stable_context(tmp_path, adult_cfg):
         pytest.approx(1 - adult_cfg.validate.max_null_by_column["occupation"])
     assert "mostly" not in rules[("expect_column_values_to_not_be_null", "salary")]
     assert rules[("expect_column_values_to_be_in_set", "workclass")]["value_set"] == \
-        list(adult.CATEGORIES["workclass"])
+        list(adult_module.CATEGORIES["workclass"])
     assert rules[("expect_table_row_count_to_be_between", None)]["min_value"] == adult_cfg.validate.min_rows
 
 
 def test_null_policy_may_only_name_real_columns(adult_cfg):
     bad = dataclasses.replace(adult_cfg.validate, max_null_by_column={"salary": 0.1})
     with pytest.raises(ConfigError, match="target 'salary' may not be missing"):
-        expectation_specs(adult, bad)
+        expectation_specs(recipes.get("adult"), bad)
     bad = dataclasses.replace(adult_cfg.validate, max_null_by_column={"wrkclass": 0.1})
     with pytest.raises(ConfigError, match="wrkclass"):
-        expectation_specs(adult, bad)
+        expectation_specs(recipes.get("adult"), bad)
