@@ -17,31 +17,113 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from coursepipe.config import Train
+from coursepipe.config import ConfigError, Train
+from coursepipe.contract import ContractError
 from coursepipe.learn import program
 
 CKPT_FILE = "checkpoint.pt"
+SUM_FILE = "checkpoint.sha256"  # written after CKPT_FILE: a checkpoint without it is incomplete
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint failed verification (missing, truncated, altered): the message names it."""
+
+
+class TrainingError(RuntimeError):
+    """Training failed in a Ray worker; the message names the cause in one line."""
+
+
+# Errors that fail the same way on every attempt: retrying them only burns max_failures restarts.
+NOT_RETRIED: tuple[type[BaseException], ...] = (
+    ConfigError, ContractError, CheckpointError, ValueError, TypeError, KeyError, IndexError,
+    NotImplementedError)
+SHAPE_ERRORS = ("size mismatch", "shapes cannot be multiplied", "must match the size", "shape '[")
+
+
+def deterministic(e: BaseException) -> bool:
+    """Whether `e` would recur on a retry: bad config or data, a contract or shape mismatch."""
+    return isinstance(e, NOT_RETRIED) or (
+        isinstance(e, RuntimeError) and any(m in str(e) for m in SHAPE_ERRORS))
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return f"{type(e).__name__}: {text.strip().splitlines()[0] if text.strip() else '(no message)'}"
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(state: dict, folder: Path) -> Path:
+    """checkpoint.pt and, after it, its sha256 (so a torn write never verifies)."""
+    from coursepipe.io import file_digest
+
     path = Path(folder) / CKPT_FILE
     torch.save(state, path)
+    (Path(folder) / SUM_FILE).write_text(file_digest(path) + "\n")
     return path
 
 
+def read_checkpoint(folder: Path, name: str) -> dict:
+    """Verify a checkpoint folder against its checksum, then load it with weights_only (tensors
+    and plain values: no code in a checkpoint from shared storage can run)."""
+    from coursepipe.io import file_digest
+
+    path, sums = Path(folder) / CKPT_FILE, Path(folder) / SUM_FILE
+    if not path.is_file() or not sums.is_file():
+        raise CheckpointError(f"checkpoint {name} is incomplete (no {CKPT_FILE} or {SUM_FILE})")
+    if file_digest(path) != sums.read_text().strip():
+        raise CheckpointError(f"checkpoint {name} is corrupt ({CKPT_FILE} does not match {SUM_FILE})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # verified bytes that still do not load: not written by this project
+        raise CheckpointError(f"checkpoint {name} does not load ({one_line(e)})") from None
+
+
 def load_checkpoint(checkpoint) -> dict:
-    """A Ray checkpoint's state; tensors and plain values only (weights_only: no code runs)."""
+    """A Ray checkpoint's state, verified (see read_checkpoint)."""
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / CKPT_FILE, map_location="cpu", weights_only=True)
+        return read_checkpoint(Path(d), checkpoint.path)
+
+
+def older_checkpoints(checkpoint) -> list:
+    """The run's other checkpoints, newest first (Ray names them checkpoint_<timestamp>)."""
+    import posixpath
+
+    import pyarrow.fs
+    import ray.train
+
+    fs, parent = checkpoint.filesystem, posixpath.dirname(checkpoint.path.rstrip("/"))
+    found = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(parent))
+             if i.type == pyarrow.fs.FileType.Directory
+             and posixpath.basename(i.path).startswith("checkpoint_")
+             and i.path.rstrip("/") != checkpoint.path.rstrip("/")]
+    return [ray.train.Checkpoint(p, filesystem=fs) for p in sorted(found, reverse=True)]
+
+
+def newest_good(latest, candidates: list) -> dict:
+    """The state of the newest checkpoint that verifies, saying which ones it skipped; a
+    CheckpointError naming all of them when none does."""
+    rejected: list[str] = []
+    for ckpt in [latest, *candidates]:
+        try:
+            state = load_checkpoint(ckpt)
+        except CheckpointError as e:
+            rejected.append(str(e))
+            print(f"skipping {e}", flush=True)
+            continue
+        if rejected:
+            print(f"resuming from the older checkpoint {ckpt.path}", flush=True)
+        return state
+    raise CheckpointError(f"no checkpoint of this run verifies ({'; '.join(rejected)}); delete "
+                          f"the run folder {latest.path.rsplit('/', 1)[0]} to start over")
 
 
 def ray_report(rank: int):
@@ -59,10 +141,11 @@ def ray_report(rank: int):
 
 
 def resume_from_ray() -> dict | None:
+    """The newest checkpoint of this run that verifies (falling back past corrupt ones)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    return None if checkpoint is None else load_checkpoint(checkpoint)
+    return None if checkpoint is None else newest_good(checkpoint, older_checkpoints(checkpoint))
 
 
 # ----------------------------------------------------------------------------- the worker loop
@@ -95,7 +178,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
     hooks = program.Hooks(rank=rank, world=world, device=ray.train.torch.get_device(), reduce=reduce,
                           wrap=ray.train.torch.prepare_model, resume=resume_from_ray,
                           report=ray_report(rank), show=rank == 0 and config.get("verbose", True))
-    out = program.train(recipe, m, t, config["frame"], hooks)
+    try:
+        out = program.train(recipe, m, t, config["frame"], hooks)
+    except Exception as e:
+        if not deterministic(e):
+            raise  # Ray restarts the worker group (FailureConfig.max_failures) from the last checkpoint
+        # Returned, not raised, so Ray does not retry it; every rank fails alike (same config,
+        # data and checkpoint), so none is left waiting in a collective.
+        return {"error": one_line(e), "traceback": traceback.format_exc()}
     checksums = rank_checksums(out.parts.model, world)
     if rank == 0:
         return {"history": out.history, "train_seconds": out.train_seconds,
@@ -183,11 +273,16 @@ def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
     )
     result = trainer.fit()
     if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray run {run_name} finished without a checkpoint")
-    state = load_checkpoint(result.checkpoint)
+        raise TrainingError(f"Ray run {run_name} failed after {t.max_failures} worker-group "
+                            f"restart(s): {one_line(result.error)}") from result.error
     ret = result.return_value or {}
+    if "error" in ret:
+        log.error("worker traceback:\n%s", ret["traceback"])
+        raise TrainingError(f"Ray run {run_name} stopped (not retried: it would fail the same "
+                            f"way): {ret['error']}")
+    if result.checkpoint is None:
+        raise TrainingError(f"Ray run {run_name} finished without a checkpoint")
+    state = load_checkpoint(result.checkpoint)
     return FitResult(state=state, history=list(state["history"]),
                      train_seconds=float(ret.get("train_seconds", 0.0)),
                      wall_seconds=time.perf_counter() - t0, run_name=run_name, storage=storage,
