@@ -35,6 +35,11 @@ def dvc_track_data(root: Path) -> None:
 
 
 def cmd_fetch(args) -> None:
+    with recipe_lock(args):
+        fetch_source(args)
+
+
+def fetch_source(args) -> None:
     from coursepipe import recipes
     from coursepipe.config import ConfigError, evolve
     from coursepipe.sources import fetch
@@ -53,7 +58,18 @@ def cmd_fetch(args) -> None:
         dvc_track_data(paths.root)
 
 
+def recipe_lock(args):
+    """One writer per recipe and root: a second pipeline or stage command fails naming the first."""
+    from coursepipe import locks
+    return locks.hold(locks.recipe_lock(Paths(args.root).root, args.recipe), f"recipe {args.recipe}")
+
+
 def cmd_stage(args) -> None:
+    with recipe_lock(args):
+        run_stage(args)
+
+
+def run_stage(args) -> None:
     import importlib
     params, cfg, recipe = _cfg(args)
     paths = Paths(args.root)
@@ -92,11 +108,12 @@ def cmd_pipeline(args) -> None:
     """Every stage of a recipe in this process: the `ray job submit` entry point."""
     seed_root(Path(args.root), Path(args.seed_from))
     args.force, args.no_dvc = False, not args.dvc
-    if not args.skip_fetch:
-        cmd_fetch(args)  # idempotent: a verified archive is kept
-    for stage in STAGES:
-        args.command = stage
-        cmd_stage(args)
+    with recipe_lock(args):
+        if not args.skip_fetch:
+            cmd_fetch(args)  # idempotent: a verified archive is kept
+        for stage in STAGES:
+            args.command = stage
+            run_stage(args)
 
 
 def cmd_lr_find(args) -> None:
@@ -136,8 +153,9 @@ def cmd_predict(args) -> None:
         rows = pd.read_csv(args.rows[0], skipinitialspace=True, na_values=["?"])
     else:  # files to label (images): one row each, read by the portable module
         rows = pd.DataFrame({"path": args.rows})
+    from coursepipe.export.portable_csv import write_csv
     out = portable.predict_frame(export_dir, rows)
-    out.to_csv(args.out or sys.stdout, index=False)
+    write_csv(out, args.out or sys.stdout)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -189,27 +207,58 @@ def parser() -> argparse.ArgumentParser:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures whose message says it all: printed as one line, no traceback kept."""
     from coursepipe.config import ConfigError
     from coursepipe.contract import ContractError
     from coursepipe.data.archive import ArchiveError
+    from coursepipe.locks import Locked
     from coursepipe.sources import SourceError
     errors: list[type[BaseException]] = [ConfigError, ContractError, ArchiveError, SourceError,
-                                         FileNotFoundError, KeyError, ValueError]
+                                         Locked, FileNotFoundError, KeyError, ValueError]
     try:
         from coursepipe.stages.validate import ValidationFailed
-        errors.append(ValidationFailed)
+        from coursepipe.stages.train import NotValidated
+        errors += [ValidationFailed, NotValidated]
     except ImportError:
         pass
     return tuple(errors)
 
 
+def error_log(root: str | Path) -> Path:
+    return Path(root) / ".logs" / "coursepipe.log"
+
+
+def keep_traceback(root: str | Path, argv: list[str]) -> Path | None:
+    """Append the current exception's traceback to <root>/.logs/coursepipe.log."""
+    import traceback
+    path = error_log(root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} coursepipe {' '.join(argv)}\n")
+            f.write(traceback.format_exc())
+            worker = getattr(sys.exc_info()[1], "worker_traceback", None)
+            if worker:  # raised in a Ray worker: its own stack, not the driver's
+                f.write(f"in the Ray worker:\n{worker}")
+    except OSError:
+        return None
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     try:
         args.fn(args)
     except expected_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"coursepipe {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except Exception as e:  # anything else: one line here, the traceback in the log
+        first = (str(e).strip().splitlines() or ["(no message)"])[0]
+        where = keep_traceback(args.root, argv)
+        print(f"coursepipe {args.command}: error: {type(e).__name__}: {first}"
+              + (f" (traceback: {where})" if where else ""), file=sys.stderr)
         return 1
     return 0
 

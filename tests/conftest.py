@@ -98,6 +98,15 @@ def prepared(project, adult_cfg, adult):
     return project
 
 
+@pytest.fixture
+def validated(prepared, adult_cfg, adult):
+    """`prepared`, validated too: the train stage trains only on a table that passed."""
+    from audit import run_stage
+
+    run_stage("validate", adult_cfg, adult, prepared)
+    return prepared
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test that trains (start-up costs ~5-10 s)."""

@@ -141,7 +141,7 @@ def test_export_folder_card_and_parity(done):
     folder = paths.export("adult")
     assert ex.path == folder
     assert sorted(p.name for p in folder.iterdir()) == \
-        ["card.json", "model.onnx", "predict.py", "preprocessing.json"]
+        ["card.json", "model.onnx", "portable_csv.py", "predict.py", "preprocessing.json"]
     assert 0 <= ex.parity_max_diff <= cfg.export.parity_atol
     assert ex.parity_rows == min(cfg.export.parity_rows, len(valid_frame(paths)))
     assert ex.exporter in ("dynamo", "torchscript")
@@ -274,6 +274,33 @@ def test_export_folder_predicts_alone_without_coursepipe(done, tmp_path):
     (tmp_path / "copy" / "preprocessing.json").unlink()
     again = portable.predict_frame(tmp_path / "copy", valid)
     assert list(again["prediction"]) == list(labels)
+
+
+def test_predict_names_text_in_number_columns_and_neutralises_formula_cells(done, tmp_path):
+    paths, cfg, _, _ = done
+    shutil.copytree(paths.export("adult"), tmp_path / "copy")
+    rows = valid_frame(paths).head(4).drop(columns=["is_valid"]).copy()
+    rows["age"] = rows["age"].astype(object)
+    rows.loc[rows.index[1], "age"] = "forty"          # used to become the median, silently
+    rows.loc[rows.index[2], "workclass"] = "=HYPERLINK(\"http://x\",\"y\")"
+    rows.loc[rows.index[3], "occupation"] = "@SUM(A1)"
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+
+    def script(*args):
+        return subprocess.run([sys.executable, "-c", WRAPPER, *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = script("rows.csv", "out.csv")
+    assert ok.returncode == 0 and "1 row(s) have number cells that are not numbers" in ok.stderr, ok.stderr
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert out["unparsed"].tolist() == ["", "age='forty'", "", ""]
+    text = (tmp_path / "out.csv").read_text()
+    assert "'=HYPERLINK" in text and "'@SUM(A1)" in text
+    assert not any(cell.startswith(("=", "@", "+")) for line in text.splitlines() for cell in line.split(","))
+
+    strict = script("--strict", "rows.csv", "out2.csv")
+    assert strict.returncode == 1 and "row 2: age='forty'" in strict.stderr, strict.stderr
+    assert not (tmp_path / "out2.csv").exists()
 
 
 def test_torchscript_fallback_exports_a_matching_graph(done):

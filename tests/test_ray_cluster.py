@@ -54,7 +54,8 @@ def ray_head():
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_train_stage_joins_the_cluster_named_by_ray_address(prepared, ray_head):
+def test_train_stage_joins_the_cluster_named_by_ray_address(validated, ray_head):
+    prepared = validated
     out = sh([sys.executable, "-m", "coursepipe.cli", "--root", str(prepared.root), "train", "adult"],
              cwd=prepared.root, RAY_ADDRESS=ray_head["address"]).stdout
     assert f"Ray cluster at {ray_head['address']}" in out, out

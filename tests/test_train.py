@@ -38,7 +38,8 @@ def test_shards_are_disjoint_and_equal_sized():
     assert [b.tolist() for b in again] == [b.tolist() for b in shards[0]]  # resume replays
 
 
-def test_two_workers_fine_tune_and_a_restart_resumes(prepared, adult_cfg, adult, ray_session):
+def test_two_workers_fine_tune_and_a_restart_resumes(validated, adult_cfg, adult, ray_session):
+    prepared = validated
     # fine_tune: 1 frozen epoch, then 1 unfrozen; DDP is re-wrapped at the phase change
     cfg = with_train(adult_cfg, num_workers=2, freeze_epochs=1, epochs=1)
     storage = prepared.runs(".runs")

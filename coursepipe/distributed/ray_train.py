@@ -277,9 +277,10 @@ def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
                             f"restart(s): {one_line(result.error)}") from result.error
     ret = result.return_value or {}
     if "error" in ret:
-        log.error("worker traceback:\n%s", ret["traceback"])
-        raise TrainingError(f"Ray run {run_name} stopped (not retried: it would fail the same "
+        err = TrainingError(f"Ray run {run_name} stopped (not retried: it would fail the same "
                             f"way): {ret['error']}")
+        err.worker_traceback = ret["traceback"]  # the CLI writes it to its log
+        raise err
     if result.checkpoint is None:
         raise TrainingError(f"Ray run {run_name} finished without a checkpoint")
     state = load_checkpoint(result.checkpoint)

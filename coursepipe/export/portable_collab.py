@@ -110,6 +110,18 @@ def top_items(export_dir: str | Path, user: int, n: int) -> pd.DataFrame:
                          "known_user": bool(users[0] > 0)})
 
 
+def write_csv(df: pd.DataFrame, dest) -> None:
+    """portable_csv.write_csv, from the file beside this one (coursepipe/export/ or the export
+    folder, where it is copied): loaded by path, so predict.py needs no package on sys.path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "portable_csv.py"
+    spec = importlib.util.spec_from_file_location("portable_csv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_csv(df, dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="predict.py", description="rate (user, item) pairs with this export")
     p.add_argument("rows", nargs="?", help="CSV with user,item (or userId,movieId) columns")
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, FileNotFoundError) as e:  # a missing column or file: one clear line
         print(f"predict.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
-    out.to_csv(args.out or sys.stdout, index=False)
+    write_csv(out, args.out or sys.stdout)
     return 0
 
 

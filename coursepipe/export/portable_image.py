@@ -139,6 +139,18 @@ def predict_frame(export_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def write_csv(df: pd.DataFrame, dest) -> None:
+    """portable_csv.write_csv, from the file beside this one (coursepipe/export/ or the export
+    folder, where it is copied): loaded by path, so predict.py needs no package on sys.path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "portable_csv.py"
+    spec = importlib.util.spec_from_file_location("portable_csv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_csv(df, dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, FileNotFoundError, OSError) as e:  # a missing or unreadable file: one line
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 1
-    out.to_csv(sys.stdout, index=False)
+    write_csv(out, sys.stdout)
     return 0
 
 

@@ -211,6 +211,18 @@ def predict_frame(export_dir: str | Path, df: pd.DataFrame, n: int = 1) -> pd.Da
     return out
 
 
+def write_csv(df: pd.DataFrame, dest) -> None:
+    """portable_csv.write_csv, from the file beside this one (coursepipe/export/ or the export
+    folder, where it is copied): loaded by path, so predict.py needs no package on sys.path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "portable_csv.py"
+    spec = importlib.util.spec_from_file_location("portable_csv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_csv(df, dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     n = 1
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if len(argv) == 1 and argv[0].endswith(".csv"):
             out = predict_frame(here, pd.read_csv(argv[0]), n)
-            out.to_csv(sys.stdout, index=False)
+            write_csv(out, sys.stdout)
         else:
             sess, state = load(here)
             words, probs = predict_next(sess, state, " ".join(argv), n)

@@ -1,7 +1,8 @@
 """Portable inference for an exported model: numpy, pandas and onnxruntime only.
 
-This file is copied into every export folder, so `python export/<recipe>/predict.py rows.csv`
-works on a machine without this project. It must import nothing from `coursepipe`.
+This file is copied into every export folder (with portable_csv.py), so `python
+export/<recipe>/predict.py rows.csv` works on a machine without this project. It must import
+nothing from `coursepipe` except through the portable_csv fallback below.
 The same `preprocess` is used in training, so export and training cannot drift apart.
 """
 from __future__ import annotations
@@ -97,31 +98,70 @@ def finish(raw: np.ndarray, state: dict) -> np.ndarray:
     return softmax(raw)
 
 
-def predict_frame(export_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
-    """`df` with the predicted label and its probability appended."""
+def unparsed(state: dict, df: pd.DataFrame) -> pd.Series:
+    """Per row, the number columns whose value is given but is not a number (`age='forty'`);
+    "" for a clean row. Such a value is predicted on as missing (the training median)."""
+    notes = pd.Series([""] * len(df), index=df.index, dtype=object)
+    for col in state["cont_names"]:
+        if col not in df.columns:
+            continue
+        given = df[col].notna() & (df[col].astype(str).str.strip() != "")
+        bad = given & pd.to_numeric(df[col], errors="coerce").isna()
+        for i in bad[bad].index:
+            notes[i] = f"{notes[i]}; {col}={df[col][i]!r}" if notes[i] else f"{col}={df[col][i]!r}"
+    return notes
+
+
+def predict_frame(export_dir: str | Path, df: pd.DataFrame, strict: bool = False) -> pd.DataFrame:
+    """`df` with the predicted label and its probability appended, and an `unparsed` column
+    naming number cells that were not numbers; `strict` refuses such rows instead."""
     sess, state = load(export_dir)
+    notes = unparsed(state, df)
+    bad = [(n + 1, note) for n, note in enumerate(notes) if note]
+    if bad and strict:
+        shown = ", ".join(f"row {n}: {note}" for n, note in bad[:3])
+        raise ValueError(f"{len(bad)} row(s) have values that are not numbers ({shown}); "
+                         f"fix them, or drop --strict to predict on them as missing")
     proba = predict_proba(sess, state, df)
     out = df.copy()
     out["prediction"] = np.asarray(state["classes"], dtype=object)[proba.argmax(1)]
     out["probability"] = proba.max(1)
+    out["unparsed"] = notes
     return out
+
+
+def write_csv(df: pd.DataFrame, dest) -> None:
+    """portable_csv.write_csv, from the file beside this one (coursepipe/export/ or the export
+    folder, where it is copied): loaded by path, so predict.py needs no package on sys.path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "portable_csv.py"
+    spec = importlib.util.spec_from_file_location("portable_csv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_csv(df, dest)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    strict = "--strict" in argv
+    argv = [a for a in argv if a != "--strict"]
     if len(argv) not in (1, 2):
-        print("usage: predict.py ROWS.csv [OUT.csv]   (run from anywhere; reads this folder)", file=sys.stderr)
+        print("usage: predict.py [--strict] ROWS.csv [OUT.csv]   (run from anywhere; reads this folder)\n"
+              "  --strict: refuse rows whose number columns hold text (default: predict on them as "
+              "missing and name them in the `unparsed` column)", file=sys.stderr)
         return 2
-    rows = pd.read_csv(argv[0], skipinitialspace=True, na_values=["?"])
     try:
-        out = predict_frame(Path(__file__).resolve().parent, rows)
-    except (KeyError, FileNotFoundError) as e:  # a missing column or file: one clear line
+        rows = pd.read_csv(argv[0], skipinitialspace=True, na_values=["?"])
+        out = predict_frame(Path(__file__).resolve().parent, rows, strict=strict)
+    except (KeyError, FileNotFoundError, ValueError) as e:  # a missing column or file, bad rows: one line
         print(f"predict.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
-    if len(argv) == 2:
-        out.to_csv(argv[1], index=False)
-    else:
-        out.to_csv(sys.stdout, index=False)
+    n_bad = int((out["unparsed"] != "").sum())
+    if n_bad:
+        print(f"predict.py: warning: {n_bad} row(s) have number cells that are not numbers, "
+              f"predicted as missing (see the `unparsed` column; --strict refuses them)", file=sys.stderr)
+    write_csv(out, argv[1] if len(argv) == 2 else sys.stdout)
     return 0
 
 

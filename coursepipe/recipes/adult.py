@@ -13,6 +13,7 @@ import pandas as pd
 
 from coursepipe.contract import Recipe, Schema
 from coursepipe.data.archive import deterministic_tgz
+from coursepipe.data.csvfile import read_csv, to_number
 from coursepipe.kinds.tabular import TabularClassification, TabularModel
 
 CSV_MEMBER = "adult_sample/adult.csv"
@@ -65,11 +66,13 @@ def read_raw(extracted: Path, p=None) -> pd.DataFrame:
     if not path.is_file():
         found = sorted(str(p.relative_to(extracted)) for p in extracted.rglob("*.csv"))[:5]
         raise FileNotFoundError(f"archive has no {CSV_MEMBER} (csv files found: {found or 'none'})")
-    df = pd.read_csv(path, skipinitialspace=True, na_values=["?"], keep_default_na=True)
+    df = read_csv(path, CSV_MEMBER, skipinitialspace=True, na_values=["?"], keep_default_na=True)
     df.columns = [c.strip() for c in df.columns]
     for col in df.columns:
         if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             df[col] = df[col].astype("string").str.strip().replace({"?": pd.NA, "": pd.NA})
+        if col in RANGES:  # text in a number column is named here, not coerced to missing
+            df[col] = to_number(df[col], col, CSV_MEMBER)
     return df
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from coursepipe.contract import Recipe, Schema
 from coursepipe.data.archive import deterministic_tgz
+from coursepipe.data.csvfile import read_csv, to_number
 from coursepipe.kinds.collab import ID_COLUMNS, Collab, CollabModel
 
 DATA_MEMBER = "ml-100k/u.data"
@@ -34,8 +35,8 @@ SAMPLE_RENAME = {"userId": "user", "movieId": "item"}
 
 def read_ml100k(extracted: Path) -> pd.DataFrame:
     """u.data (+ u.item titles when present); ids kept as read so validation can name bad ones."""
-    df = pd.read_csv(extracted / DATA_MEMBER, sep="\t", header=None, dtype=str,
-                     names=["user", "item", TARGET, "timestamp"])
+    df = read_csv(extracted / DATA_MEMBER, DATA_MEMBER, sep="\t", header=False, dtype=str,
+                  names=["user", "item", TARGET, "timestamp"])
     items = extracted / ITEM_MEMBER
     if not items.is_file():
         df["title"] = None
@@ -47,7 +48,7 @@ def read_ml100k(extracted: Path) -> pd.DataFrame:
 
 def read_sample(extracted: Path) -> pd.DataFrame:
     """fastai's ratings.csv: userId,movieId,rating,timestamp; it has no titles."""
-    df = pd.read_csv(extracted / SAMPLE_MEMBER, dtype=str).rename(columns=SAMPLE_RENAME)
+    df = read_csv(extracted / SAMPLE_MEMBER, SAMPLE_MEMBER, dtype=str).rename(columns=SAMPLE_RENAME)
     df["title"] = None
     return df
 
@@ -80,7 +81,7 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise KeyError(f"ratings are missing column(s) {missing}; got {list(df.columns)}")
     out = pd.DataFrame({c: id_column(df[c]) for c in ID_COLUMNS})
-    out[TARGET] = pd.to_numeric(df[TARGET], errors="coerce").astype("float64")
+    out[TARGET] = to_number(df[TARGET], TARGET, "ratings")  # text named here, not made missing
     out["timestamp"] = pd.to_numeric(df["timestamp"], errors="coerce").astype("float64")
     if out["timestamp"].notna().all():
         out["timestamp"] = out["timestamp"].astype("int64")

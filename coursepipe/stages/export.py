@@ -25,6 +25,7 @@ import torch
 
 from coursepipe.config import RecipeConfig
 from coursepipe.contract import Recipe
+from coursepipe.export import portable_csv
 from coursepipe.io import atomic_path, file_digest
 from coursepipe.learn.infer import predict_logits
 from coursepipe.paths import Paths
@@ -32,6 +33,7 @@ from coursepipe.stages import evaluate, prepare, train
 
 CARD_FILE = "card.json"
 SCRIPT_FILE = "predict.py"
+CSV_HELPER = "portable_csv.py"
 EXAMPLE_ROWS = 8  # rows traced by the exporter; >= 2 so torch.export keeps the batch dynamic
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,7 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths) -> ExportResult:
         (out / port.MODEL_FILE).write_bytes(model_bytes)
         (out / port.STATE_FILE).write_text(state_json)
         shutil.copyfile(inspect.getfile(port), out / SCRIPT_FILE)
+        shutil.copyfile(inspect.getfile(portable_csv), out / CSV_HELPER)  # predict.py imports it
         max_diff = parity(model, recipe, processor, out, rows)
         if not max_diff <= cfg.export.parity_atol:  # `not <=` also catches NaN
             raise ParityError(

@@ -1,10 +1,12 @@
 """train: prepared table -> Ray Train (TorchTrainer) -> models/<recipe>/model.pt + history CSV.
 
-Reads params: model, train. Where checkpoints go (`ray_storage`) is the door's runtime argument,
+Refuses to train unless reports/<recipe>/validation.json passed for exactly this prepared table
+(its sha256). Reads params: model, train. Where checkpoints go (`ray_storage`) is the door's runtime argument,
 like RAY_ADDRESS: it changes where a run is kept, not what it computes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -63,13 +65,41 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
+class NotValidated(RuntimeError):
+    """The prepared table has no passing validation report: nothing is trained on it."""
+
+
+def check_validated(paths: Paths, recipe: str, table_digest: str) -> None:
+    """Train only on the exact table the validate stage passed (by its sha256)."""
+    report = paths.validation_report(recipe)
+    rel = report.relative_to(paths.root)
+    if not report.is_file():
+        raise NotValidated(f"{rel} is missing: run the validate stage before training {recipe}")
+    try:
+        rep = json.loads(report.read_text())
+    except ValueError:
+        raise NotValidated(f"{rel} is not valid JSON: run the validate stage again") from None
+    if rep.get("table_sha256") != table_digest:
+        raise NotValidated(f"{rel} is for another prepared table than prepared/{recipe}/"
+                           f"{prepare.TABLE}: run the validate stage again")
+    if not rep.get("success"):
+        raise NotValidated(f"validation of prepared/{recipe} failed ({rep.get('failed')} of "
+                           f"{rep.get('evaluated')} rules; see {rel}): refusing to train on it")
+
+
 def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: bool = True) -> TrainResult:
+    from coursepipe import locks
     from coursepipe.distributed import ray_train  # Ray is imported only when training
 
     recipe.kind.prefetch(cfg.model)  # e.g. pretrained weights: fail here, in one line, not in a worker
+    digest = file_digest(paths.prepared(cfg.name) / prepare.TABLE)
+    check_validated(paths, cfg.name, digest)
     frame = prepare.load(paths, cfg.name)
-    name = run_name(cfg, file_digest(paths.prepared(cfg.name) / prepare.TABLE))
-    fit = ray_train.fit(recipe, cfg.model, cfg.train, frame, storage=storage, run_name=name, verbose=verbose)
+    name = run_name(cfg, digest)
+    lock = locks.run_lock(storage, name)  # two roots sharing ray_storage must not train one run twice
+    with locks.hold(lock, f"Ray run {name}") if lock else contextlib.nullcontext():
+        fit = ray_train.fit(recipe, cfg.model, cfg.train, frame, storage=storage, run_name=name,
+                            verbose=verbose)
     save_bundle(paths, cfg, fit.state["model"], fit.state["processor"], fit.history, summary={
         "run_name": name, "storage": storage, "epochs": len(fit.history),
         "train_seconds": round(fit.train_seconds, 3),
