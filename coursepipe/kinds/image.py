@@ -70,7 +70,8 @@ class ImageModel(Section):
     mode: Literal["L", "RGB"]           # every image is converted to this mode (counts recorded)
     size: tuple[int, int]               # width, height fed to the model
     resize: Literal["squish", "crop"]   # for images of another size: stretch, or short side + centre crop
-    normalize: Literal["data", "imagenet", "none"]  # the training pixels' mean/std, or ImageNet's
+    # the training pixels' mean/std, ImageNet's, or EfficientNet-Lite's (x - 127) / 128
+    normalize: Literal["data", "imagenet", "lite", "none"]
     augment: Augment                    # fastai's aug_transforms knobs, on training batches only
 
     def __post_init__(self):
@@ -97,8 +98,8 @@ class ScratchNet(ImageModel):
 @dataclass(frozen=True)
 class PretrainedNet(ImageModel):
     """A torchvision body with fastai's head, fine-tuned from `weights`."""
-    arch: str                           # resnet18 | resnet34 | resnet50
-    weights: str                        # none | http(s)/file URL | local file (state_dict, backbone.pt, model.pt)
+    arch: str                           # efficientnet_lite0 | resnet18 | resnet34 | resnet50
+    weights: str                        # none | package (installed ImageNet file) | http(s)/file URL | local file
     weights_cache: str                  # downloaded weight files, kept once verified
     weights_timeout_s: float            # a download stalling this long fails
     lin_ftrs: tuple[int, ...]           # fastai create_head hidden layers
@@ -219,7 +220,7 @@ class ImageClassification(Kind):
         URL or hash is one clear error line instead of a worker failure."""
         if isinstance(m, PretrainedNet):
             from coursepipe.models.transfer import resolve
-            resolve(m.weights, m.weights_cache, m.weights_sha256, m.weights_timeout_s)
+            resolve(m.weights, m.weights_cache, m.weights_sha256, m.weights_timeout_s, m.arch)
 
     def fit_processor(self, recipe, train, m: ImageModel) -> dict:
         """Classes (fixed by the schema, else from the usable training rows), the declared input,
@@ -279,7 +280,8 @@ class ImageClassification(Kind):
         cbs: list = []
         if isinstance(m, PretrainedNet) and m.weights not in ("", "none"):
             from coursepipe.models.transfer import LoadPretrained
-            cbs.append(LoadPretrained(m.weights, m.weights_cache, m.weights_sha256, m.weights_timeout_s))
+            cbs.append(LoadPretrained(m.weights, m.weights_cache, m.weights_sha256,
+                                      m.weights_timeout_s, m.arch))
         if m.augment.active:
             cbs.append(AugmentBatch(m.augment, t.seed))
         return cbs

@@ -25,6 +25,8 @@ def normalisation(kind: str, x: np.ndarray) -> tuple[list[float], list[float]]:
     c = x.shape[1]
     if kind == "data":
         return channel_stats(x)
+    if kind == "lite":  # EfficientNet-Lite was trained on (x - 127) / 128 of 0..255 pixels
+        return [127.0 / 255] * c, [128.0 / 255] * c
     if kind == "imagenet":
         mean, std = IMAGENET_STATS
         return (list(mean), list(std)) if c == 3 else ([float(np.mean(mean))], [float(np.mean(std))])
