@@ -143,6 +143,14 @@ def cmd_gx_init(args) -> None:
     print(f"wrote {init_suite(cfg, recipe, paths).relative_to(paths.root)}")
 
 
+def cmd_summary(args) -> None:
+    from coursepipe import summary
+    from coursepipe import recipes
+    paths = Paths(args.root)
+    names = args.recipes or list(recipes.load_params(paths.params).recipes)
+    print(summary.table(summary.rows(paths, [recipes.get(n) for n in names])))
+
+
 def cmd_predict(args) -> None:
     import importlib
     import pandas as pd
@@ -195,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gx-init", help="(re)write a recipe's Great Expectations suite from params")
     g.add_argument("recipe")
     g.set_defaults(fn=cmd_gx_init)
+
+    sm = sub.add_parser("summary", help="recipe, headline metric, the course's result, training seconds")
+    sm.add_argument("recipes", nargs="*", help="default: every recipe in params.yaml")
+    sm.set_defaults(fn=cmd_summary)
 
     pr = sub.add_parser("predict", help="label CSV rows with an exported model (export alone)")
     pr.add_argument("recipe")

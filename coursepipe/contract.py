@@ -172,6 +172,8 @@ class Recipe:
     split: Callable[[Any, Prepare], Any] | None = None  # fixed split (a valid folder or file) -> mask
     expectations: Callable[[Validate], list[Spec]] = _no_rules   # rules only this recipe has
     check: Callable[[RecipeConfig], None] | None = None  # rules across its sections (beyond the kind's)
+    # the course's own result, for the run summary: (metric in metrics/<name>.json, value, what it was on)
+    course: tuple[str, float, str] | None = None
     prepare_config: type | None = None                  # None: the kind's
     validate_config: type | None = None
     evaluate_config: type | None = None

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from prefect import flow
 
+from coursepipe import summary
+from coursepipe.recipes import get
 from coursepipe.recipes import load_params as load
 from coursepipe.paths import Paths
 from coursepipe.stages import STAGES
@@ -44,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=".", help="project root (default: .)")
     args = p.parse_args(argv)
     result = course_all(args.root) if args.all else {args.recipe: course(args.recipe, args.root)}
-    for name, metrics in result.items():
-        print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    print(summary.table(summary.rows(Paths(args.root), [get(name) for name in result])))
 
 
 if __name__ == "__main__":  # required: Prefect's runners re-import this module

@@ -164,3 +164,22 @@ def test_every_stage_declares_the_recipes_sections_it_is_named_for():
                 "export": {"defaults.export", "recipes.r.export"}}
     for stage, params in expected.items():
         assert set(declared(stage, "r")[0]) == params, stage
+
+
+def test_the_run_summary_shows_metric_course_result_and_seconds(tmp_path):
+    import json
+
+    from coursepipe import summary
+    from coursepipe.paths import Paths
+
+    paths = Paths(tmp_path)
+    paths.metrics("adult").parent.mkdir(parents=True)
+    paths.metrics("adult").write_text(json.dumps({"accuracy": 0.8326, "n_valid": 6512}))
+    paths.model("adult").mkdir(parents=True)
+    (paths.model("adult") / "train.json").write_text(json.dumps({"train_seconds": 0.81}))
+    rows = summary.rows(paths, [recipes.get("adult"), recipes.get("movielens")])
+    assert rows[0] == {"recipe": "adult", "metric": "accuracy", "value": 0.8326, "course": 0.82, "train_s": 0.81}
+    assert rows[1]["metric"] == "mse" and rows[1]["value"] is None
+    text = summary.table(rows).splitlines()
+    assert text[1].split() == ["adult", "accuracy", "0.8326", "0.820", "0.8"]
+    assert "not run" in text[2] and len(text) == 3 and max(map(len, text)) <= 60

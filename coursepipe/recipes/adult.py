@@ -150,6 +150,7 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
 
 RECIPE = Recipe(
     name="adult",
+    course=("accuracy", 0.82, "lesson 4, ADULT_SAMPLE"),
     kind=TabularClassification(),
     schema=Schema(columns=COLUMNS, target=TARGET, categories=CATEGORIES, ranges=RANGES, classes=CLASSES),
     model_config=TabularModel,

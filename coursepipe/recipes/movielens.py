@@ -139,6 +139,7 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
 
 RECIPE = Recipe(
     name="movielens",
+    course=("mse", 0.815, "lessons 4-5, ml-100k"),
     kind=Collab(),
     schema=Schema(columns=COLUMNS, target=TARGET, ranges=RANGES),
     model_config=CollabModel,

@@ -60,6 +60,7 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
 
 RECIPE = Recipe(
     name="own_images",
+    course=("accuracy", 0.973, "lesson 2, bears, error 0.027"),
     kind=ImageClassification(),
     schema=Schema(columns=COLUMNS, target=TARGET, patterns={"path": PATH_REGEX}),
     model_config=PretrainedNet,

@@ -98,6 +98,7 @@ def synthesize(rows: int | None = None, seed: int = 0) -> bytes:
 
 RECIPE = Recipe(
     name="pets",
+    course=("accuracy", 0.938, "lesson 1, error 0.062, ResNet-34 at 224 px"),
     kind=ImageClassification(),
     schema=Schema(columns=COLUMNS, target=TARGET, patterns={"path": PATH_REGEX}),
     model_config=PretrainedNet,
