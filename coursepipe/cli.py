@@ -143,6 +143,34 @@ def cmd_gx_init(args) -> None:
     print(f"wrote {init_suite(cfg, recipe, paths).relative_to(paths.root)}")
 
 
+def cmd_gradcam(args) -> None:
+    """Grad-CAM overlays of the trained model for any image files: <out>/<file stem>.gradcam.png."""
+    import torch
+    from coursepipe import recipes
+    from coursepipe.contract import ContractError
+    from coursepipe.io import write_bytes
+    from coursepipe.stages import train
+    from coursepipe.vision.images import decode_many
+    from coursepipe.kinds.image import ImageClassification, gradcam_png
+    recipe = recipes.get(args.recipe)
+    if not isinstance(recipe.kind, ImageClassification):
+        raise ContractError(f"gradcam: {args.recipe} is a {recipe.kind.name} recipe, not an image one")
+    paths = Paths(args.root)
+    bundle = train.load_model(paths, recipe)
+    proc = bundle.processor
+    out = Path(args.out) if args.out else paths.validation_report(recipe.name).parent / "gradcam"
+    for file in map(Path, args.images):
+        if not file.is_file():
+            raise FileNotFoundError(f"gradcam: {file}: no such file")
+        try:
+            x = torch.from_numpy(decode_many([file.read_bytes()], proc["mode"], tuple(proc["size"]), proc["resize"]))
+        except Exception as e:  # PIL raises many types for a file that is not an image
+            raise ValueError(f"gradcam: {file}: not a readable image ({type(e).__name__})") from None
+        dest = out / f"{file.stem}.gradcam.png"
+        write_bytes(dest, gradcam_png(bundle.model, x, list(proc["classes"]), [file.name]))
+        print(f"wrote {dest}")
+
+
 def cmd_summary(args) -> None:
     from coursepipe import summary
     from coursepipe import recipes
@@ -203,6 +231,12 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gx-init", help="(re)write a recipe's Great Expectations suite from params")
     g.add_argument("recipe")
     g.set_defaults(fn=cmd_gx_init)
+
+    gc = sub.add_parser("gradcam", help="Grad-CAM overlays of an image recipe's trained model for image files")
+    gc.add_argument("recipe")
+    gc.add_argument("images", nargs="+")
+    gc.add_argument("--out", help="folder for <stem>.gradcam.png (default: <root>/reports/<recipe>/gradcam)")
+    gc.set_defaults(fn=cmd_gradcam)
 
     sm = sub.add_parser("summary", help="recipe, headline metric, the course's result, training seconds")
     sm.add_argument("recipes", nargs="*", help="default: every recipe in params.yaml")

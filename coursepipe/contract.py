@@ -92,7 +92,8 @@ class Kind(abc.ABC):
 
         from coursepipe.data.split import split_mask
         out = df.copy()
-        out["is_valid"] = (np.asarray(recipe.split(out, p), dtype=bool) if recipe.split is not None
+        fixed = recipe.split(out, p) if recipe.split is not None else None
+        out["is_valid"] = (np.asarray(fixed, dtype=bool) if fixed is not None
                            else split_mask(len(out), p.valid_pct, p.seed))
         return out
 
@@ -169,7 +170,8 @@ class Recipe:
     synthesize: Callable[[int | None, int], bytes]      # (rows, seed) -> the offline sample archive
     read_raw: Callable[[Path, Prepare], Any]            # (extracted archive, prepare section) -> table
     normalise: Callable[[Any], Any]                     # raw table -> the schema's columns and types
-    split: Callable[[Any, Prepare], Any] | None = None  # fixed split (a valid folder or file) -> mask
+    # fixed split (a valid folder or file) -> mask; None, or a split returning None: seeded random
+    split: Callable[[Any, Prepare], Any] | None = None
     expectations: Callable[[Validate], list[Spec]] = _no_rules   # rules only this recipe has
     check: Callable[[RecipeConfig], None] | None = None  # rules across its sections (beyond the kind's)
     # the course's own result, for the run summary: (metric in metrics/<name>.json, value, what it was on)

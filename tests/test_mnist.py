@@ -173,7 +173,7 @@ def test_excluded_files_are_listed_and_other_bad_inputs_fail_validation(mn_proje
 # ----------------------------------------------------------------------------- the stages
 
 def test_stages_end_to_end_and_predict_from_the_export_alone(mn_project, mn_cfg, ray_session, tmp_path):
-    from coursepipe.kinds.image import CONFUSED_CSV, TOP_LOSSES_PNG
+    from coursepipe.kinds.image import CONFUSED_CSV, GRADCAM_PNG, TOP_LOSSES_PNG
     from coursepipe.stages import prepare, train
 
     paths = mn_project
@@ -191,6 +191,7 @@ def test_stages_end_to_end_and_predict_from_the_export_alone(mn_project, mn_cfg,
     assert list(confused.columns) == ["actual", "predicted", "count"]
     assert confused["count"].sum() == round(m["error_rate"] * m["n_valid"])
     assert (plots / TOP_LOSSES_PNG).read_bytes()[:4] == b"\x89PNG"
+    assert (plots / GRADCAM_PNG).read_bytes()[:4] == b"\x89PNG"
 
     out = done["export"]
     assert out.parity_max_diff <= mn_cfg.export.parity_atol

@@ -85,7 +85,7 @@ def test_synthetic_samples_are_deterministic_labelled_and_in_the_course_layouts(
     assert len(df) == 16 and df["path"].str.match(r"^oxford-iiit-pet/images/synthetic-\w+-\w+_\d+\.jpg$").all()
     assert (tmp_path / "p/oxford-iiit-pet/SYNTHETIC.txt").is_file()
     assert set(df["mode"]) == {"RGB"} and set(df["width"]) == {64}
-    ow = own_images.read_raw(extract(own_images.synthesize(8, seed=0), tmp_path / "o"))
+    ow = own_images.read_raw(extract(own_images.synthesize(8, seed=0), tmp_path / "o"), layout_prepare())
     assert set(ow["label"]) == set(own_images.SHAPES)
     assert {Path(p).suffix for p in ow["path"]} == {".jpg", ".png"}
     ow = OWN.kind.prepare(OWN, own_images.normalise(ow), cfg_of(tiny_params("own_images"), "own_images").prepare)
@@ -318,3 +318,70 @@ def test_own_images_stages_end_to_end_from_the_packaged_imagenet_backbone(projec
     assert m["n_valid"] == 8 and set(own_images.SHAPES) >= {k.removeprefix("n_actual_") for k in m
                                                              if k.startswith("n_actual_")}
     assert done["export"].parity_max_diff <= cfg.export.parity_atol
+    assert (project.plots("own_images") / "gradcam.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Grad-CAM of the trained model for any files; a file that is not an image is one clear line
+    from coursepipe import cli
+    (project.root / "photo.jpg").write_bytes(jpeg(80, seed=3))
+    (project.root / "notes.jpg").write_text("not an image")
+    assert cli.main(["--root", str(project.root), "gradcam", "own_images", str(project.root / "photo.jpg")]) == 0
+    out = project.validation_report("own_images").parent / "gradcam" / "photo.gradcam.png"
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["--root", str(project.root), "gradcam", "own_images", str(project.root / "notes.jpg")]) == 1
+    assert cli.main(["--root", str(project.root), "gradcam", "adult", "x.png"]) == 1
+
+
+def png(side: int, mode: str, seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def layout_prepare(**prepare):
+    raw = tiny_params("own_images")
+    raw["recipes"]["own_images"]["prepare"].update(prepare)
+    return cfg_of(raw, "own_images").prepare
+
+
+def prepared_layout(tree: dict, tmp_path: Path, **prepare) -> pd.DataFrame:
+    root = extract(deterministic_tgz(tree), tmp_path / "x")
+    p = layout_prepare(**prepare)
+    return OWN.kind.prepare(OWN, OWN.normalise(OWN.read_raw(root, p)), p)
+
+
+def test_train_valid_folders_fix_the_split_with_any_class_names(tmp_path):
+    tree = {f"bears/{side}/{cls}/{i}.png": png(40, "L" if cls == "grizzly bear" else "RGB", i)
+            for side in ("training", "held_out") for cls in ("teddy", "grizzly bear") for i in range(3)}
+    tree["bears/notes/readme.png"] = png(40, "RGB", 99)        # neither folder: not read
+    df = prepared_layout(tree, tmp_path, layout="train_valid", train_folder="training", valid_folder="held_out")
+    assert len(df) == 12
+    assert (df["is_valid"] == df["path"].str.contains("/held_out/")).all()
+    assert (df["label"] == df["path"].str.split("/").str[2]).all()
+    assert set(df["label"]) == {"teddy", "grizzly bear"}
+    assert set(df.loc[df["label"] == "grizzly bear", "mode"]) == {"L"}  # converted to RGB when read
+    with pytest.raises(FileNotFoundError, match="no images under <root>/train/<class>/"):
+        prepared_layout(tree, tmp_path / "again", layout="train_valid")
+
+
+def test_a_csv_of_file_and_label_labels_and_splits(tmp_path):
+    tree = {f"data/imgs/{i}.png": png(40, "RGB", i) for i in range(8)}
+    rows = [("imgs/%d.png" % i, "cat" if i % 2 else "dog", "true" if i >= 6 else "false") for i in range(8)]
+    csv = "fname,labels,is_valid\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    tree["data/labels.csv"] = csv.encode()
+    df = prepared_layout(tree, tmp_path / "a", layout="csv", csv_file="data/labels.csv",
+                         csv_valid_column="is_valid")
+    assert df["path"].tolist() == [f"data/imgs/{i}.png" for i in range(8)]
+    assert df["label"].tolist() == [r[1] for r in rows]
+    assert df["is_valid"].tolist() == [i >= 6 for i in range(8)]
+    random = prepared_layout(tree, tmp_path / "b", layout="csv", csv_file="data/labels.csv")
+    assert random["is_valid"].sum() == 2                   # seeded valid_pct 0.2 of 8
+
+    from coursepipe.data.csvfile import DataError
+    for bad_row, message in (("../../etc/passwd,dog,false", "row 9: '../../etc/passwd' points outside"),
+                             ("imgs/nope.png,dog,false", "row 9: 'imgs/nope.png' is not a file"),
+                             ("imgs/1.png,dog,maybe", "'is_valid' row 9: 'maybe' is not true/false")):
+        broken = dict(tree, **{"data/labels.csv": (csv + bad_row + "\n").encode()})
+        with pytest.raises(DataError, match=message):
+            prepared_layout(broken, tmp_path / f"c{len(message)}", layout="csv",
+                            csv_file="data/labels.csv", csv_valid_column="is_valid")

@@ -173,3 +173,49 @@ def test_most_confused_and_top_losses():
     assert interpret.top_losses(np.array([0.1, 3.0, 0.5, 3.0]), 3).tolist() == [1, 3, 2]
     grid = interpret.plot_top_losses(np.zeros((2, 1, 8, 8), np.uint8), ["1/7 / 2.3 / 0.10", "x"], cols=2)
     assert grid[:4] == b"\x89PNG"
+
+
+def quadrant_images(n: int, seed: int, side: int = 32):
+    """Class 1: a bright square somewhere in the top-left quadrant; class 0: none. Noise on both."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 60, (n, 1, side, side)).astype(np.uint8)
+    y = np.arange(n) % 2
+    for i in np.flatnonzero(y):
+        r, c = rng.integers(1, side // 2 - 6, 2)
+        x[i, 0, r:r + 5, c:c + 5] = 255
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_gradcam_mass_lies_where_the_class_evidence_is():
+    from coursepipe.vision.gradcam import gradcam, plot_gradcam, upsample
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, stride=2), torch.nn.ReLU(),   # the last grid: 8 x 8
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x, y = quadrant_images(128, seed=0)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x.float() / 255), y).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model = torch.nn.Sequential(ScaleBy255(), net).eval()  # uint8 in, as the image models take it
+    xt, yt = quadrant_images(40, seed=1)
+    positives = xt[yt == 1]
+    cams, explained = gradcam(model, positives, classes=[1] * len(positives))
+    assert cams.shape == (len(positives), 8, 8) and (explained == 1).all()
+    assert cams.min() >= 0 and np.allclose(cams.max((1, 2)), 1.0)
+    heat = upsample(cams, (32, 32))
+    share = heat[:, :16, :16].sum((1, 2)) / heat.sum((1, 2))
+    assert np.median(share) > 0.6, share        # a quarter of the area holds most of the mass
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    png = plot_gradcam(positives[:3].numpy(), cams[:3], ["a", "b", "c"])
+    assert png[:4] == b"\x89PNG"
+
+
+class ScaleBy255(torch.nn.Module):
+    def forward(self, x):
+        return x.float() / 255

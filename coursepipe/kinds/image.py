@@ -28,6 +28,7 @@ POLICY_COLUMNS = ("excluded", "duplicate", "class_images")
 MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16")  # source modes that convert
 OK = 'excluded==""'                     # GX row condition: the rows the policy keeps
 TOP_LOSSES_PNG = "top_losses.png"
+GRADCAM_PNG = "gradcam.png"
 CONFUSED_CSV = "most_confused.csv"
 
 
@@ -58,10 +59,12 @@ class ImageValidate(Validate):
 @dataclass(frozen=True)
 class ImageEvaluate(Evaluate):
     top_losses: int                     # images in the top-losses grid
+    gradcam: int                        # validation images, and as many top losses, in gradcam.png
 
     def __post_init__(self):
         super().__post_init__()
         positive(self, "top_losses")
+        positive(self, "gradcam")
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,20 @@ def pixels(processor: dict, df: pd.DataFrame) -> np.ndarray:
     return decode_many(df["image"], processor["mode"], tuple(processor["size"]), processor["resize"])
 
 
+def gradcam_png(model, x, classes: list[str], notes: list[str]) -> bytes:
+    """Grad-CAM overlays for the predicted class of each image, titled with prediction, its
+    probability and `notes` (e.g. the actual class)."""
+    import torch
+
+    from coursepipe.vision.gradcam import gradcam, plot_gradcam
+
+    cams, predicted = gradcam(model, x)
+    with torch.no_grad():
+        prob = torch.softmax(model(x), 1).max(1).values.numpy()
+    titles = [f"{classes[c]} {p:.2f}\n{note}" for c, p, note in zip(predicted, prob, notes)]
+    return plot_gradcam(x.numpy(), cams, titles)
+
+
 # ----------------------------------------------------------------------------- the kind
 
 class ImageClassification(Kind):
@@ -180,8 +197,9 @@ class ImageClassification(Kind):
         keep = np.flatnonzero(~bad)
         if len(keep) == 0:
             raise ValueError(f"prepare@{recipe.name}: no usable images among {len(out)} files: {listed}")
-        if recipe.split is not None:
-            mask = np.asarray(recipe.split(out, p), dtype=bool)
+        fixed = recipe.split(out, p) if recipe.split is not None else None
+        if fixed is not None:
+            mask = np.asarray(fixed, dtype=bool)
         else:
             mask = np.zeros(len(out), dtype=bool)
             mask[keep[split_mask(len(keep), p.valid_pct, p.seed)]] = True
@@ -306,6 +324,9 @@ class ImageClassification(Kind):
         titles = [f"{classes[predicted[i]]}/{classes[actual[i]]} / {losses[i]:.2f} / {prob_actual[i]:.2f}\n"
                   f"{Path(valid['path'].iloc[i]).name}" for i in idx]
         write_bytes(run.plots / TOP_LOSSES_PNG, plot_top_losses(x[idx].numpy(), titles))
+        picks = [*range(min(run.config.gradcam, len(valid))), *idx[:run.config.gradcam]]
+        write_bytes(run.plots / GRADCAM_PNG, gradcam_png(run.model, x[picks], classes,
+                                                         [f"actual {classes[actual[i]]}" for i in picks]))
         return metrics, run.plots / CONFUSION_PNG
 
     def card(self, recipe, processor: dict) -> dict:
