@@ -155,7 +155,9 @@ def test_excluded_files_are_listed_and_other_bad_inputs_fail_validation(mn_proje
         validate.run(cfg, MNIST, mn_project)
     msg = str(err.value)
     assert "mnist_png/training/x/9.png" in msg and "'x'" in msg          # unknown label folder
-    assert "mnist_png/testing/5/copy.png = mnist_png/training/5/1.png" in msg  # in both splits
+    assert "2 copies, e.g. mnist_png/testing/5/copy.png" in msg  # in both splits (the report names both)
+    report = json.loads(mn_project.validation_report("mnist").read_text())
+    assert any("mnist_png/testing/5/copy.png = mnist_png/training/5/1.png" in str(r["examples"]) for r in report["expectations"])
     assert "2 rows" in msg                                                # ... counted per file
     assert "column 'mode'" not in msg  # the RGB image is converted by the declared rule
     report = json.loads(mn_project.validation_report("mnist").read_text())

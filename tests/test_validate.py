@@ -145,3 +145,16 @@ def test_null_policy_may_only_name_real_columns(adult_cfg):
     bad = dataclasses.replace(adult_cfg.validate, max_null_by_column={"wrkclass": 0.1})
     with pytest.raises(ConfigError, match="wrkclass"):
         expectation_specs(recipes.get("adult"), bad)
+
+
+def test_a_failed_rule_message_stays_short_with_the_full_list_in_the_report():
+    from coursepipe.stages.validate import describe
+
+    groups = [" = ".join(f"images/{g}_{k}_{'x' * 40}.png" for k in range(3)) for g in range(50)]
+    rule = {"type": "expect_column_values_to_be_in_set", "column": "duplicate", "success": False,
+            "unexpected_count": 150, "unexpected_percent": 7.5, "examples": groups,
+            "observed_value": None, "missing": [], "unexpected": [], "mostly": None, "error": None}
+    text = describe(rule)
+    assert len(text) < 400, text
+    assert "3 copies, e.g. images/0_0_" in text and "and 47 more in the report" in text
+    assert rule["examples"] == groups   # the report keeps every group

@@ -105,6 +105,27 @@ def bounds(rule: dict) -> str:
     return f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"[{lo}, {hi}]"
 
 
+MESSAGE_EXAMPLES = 3     # bad values quoted per rule in the one-line message (the report has all)
+EXAMPLE_CHARS = 80       # longer values are cut in the message
+
+
+def short(value) -> str:
+    """One bad value for the message: a duplicate group `a.png = b.png = ...` as `N copies, e.g.
+    a.png`, anything long cut to EXAMPLE_CHARS."""
+    text = str(value)
+    if " = " in text:
+        parts = text.split(" = ")
+        text = f"{len(parts)} copies, e.g. {parts[0]}"
+    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS - 3] + "..."
+
+
+def quoted(examples: list) -> str:
+    shown = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else short(v)
+             for v in examples[:MESSAGE_EXAMPLES]]
+    more = len(examples) - len(shown)
+    return f"{shown}" + (f" and {more} more in the report" if more > 0 else "")
+
+
 def describe(rule: dict) -> str:
     """`column 'x' expect_...: 57 rows (2.9%) e.g. ['Pirate']` for one failed rule."""
     where = f"column {rule['column']!r}" if rule["column"] else "table"
@@ -118,7 +139,7 @@ def describe(rule: dict) -> str:
         if "min_value" in rule or "max_value" in rule:
             text += f" outside {bounds(rule)}"
         if rule["examples"]:
-            text += f" e.g. {rule['examples']}"
+            text += f" e.g. {quoted(rule['examples'])}"
         bits.append(text)
     elif rule["observed_value"] is not None:
         text = f"observed {rule['observed_value']!r}"
