@@ -385,3 +385,31 @@ def test_a_csv_of_file_and_label_labels_and_splits(tmp_path):
         with pytest.raises(DataError, match=message):
             prepared_layout(broken, tmp_path / f"c{len(message)}", layout="csv",
                             csv_file="data/labels.csv", csv_valid_column="is_valid")
+
+
+def flat_png(value: int, dot: bool = False) -> bytes:
+    arr = np.full((64, 64, 3), value, np.uint8)
+    if dot:
+        arr[30:32, 30:32] = 0                 # 4 of 4096 pixels: a near-empty frame
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_blank_images_are_bad_and_copies_across_the_split_follow_the_policy(tmp_path, capsys):
+    names = [f"p/{side}/{cls}/{i}.png" for side in ("train", "valid") for cls in ("a", "b") for i in range(3)]
+    tree = {name: png(40, "RGB", seed) for seed, name in enumerate(names)}
+    tree["p/train/a/blank.png"] = flat_png(200)
+    tree["p/train/b/dot.png"] = flat_png(255, dot=True)
+    tree["p/valid/a/copy.png"] = tree["p/train/a/0.png"]          # the same bytes on both sides
+    df = prepared_layout(tree, tmp_path / "a", layout="train_valid", duplicates="drop_valid")
+    reasons = dict(zip(df["path"], df["excluded"]))
+    assert "single colour or near empty (100.0%" in reasons["p/train/a/blank.png"]
+    assert "near empty (99.9%" in reasons["p/train/b/dot.png"]
+    assert "copy of a training image" in reasons["p/valid/a/copy.png"]
+    assert reasons["p/train/a/0.png"] == "" and (df["duplicate"] == "").all()
+    assert "dropped 1 validation image(s)" in capsys.readouterr().out
+
+    failing = prepared_layout(tree, tmp_path / "b", layout="train_valid", duplicates="fail")
+    dup = dict(zip(failing["path"], failing["duplicate"]))
+    assert dup["p/valid/a/copy.png"] == dup["p/train/a/0.png"] != ""   # validation's rule fails on it

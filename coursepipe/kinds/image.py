@@ -38,10 +38,15 @@ CONFUSED_CSV = "most_confused.csv"
 class ImagePrepare(Prepare):
     bad_images: Literal["exclude", "error"]  # exclude: listed in `excluded`, never trained on
     min_size: int                       # an image whose shorter side is below this is bad, px
+    max_flat_share: float               # an image with more of its pixels at one grey level is bad
+    # copies of one image on both sides of the split: fail validation, or drop the validation copies
+    duplicates: Literal["fail", "drop_valid"]
 
     def __post_init__(self):
         super().__post_init__()
         positive(self, "min_size")
+        if not 0.0 < self.max_flat_share <= 1.0:
+            raise ConfigError(f"max_flat_share must be in (0, 1], got {self.max_flat_share}")
 
 
 @dataclass(frozen=True)
@@ -135,14 +140,32 @@ def manifest_table(files: list[tuple[Path, str]], root: Path) -> pd.DataFrame:
     return df
 
 
-def bad_reasons(df: pd.DataFrame, min_size: int) -> pd.Series:
-    """Per row: '' or why the file is bad: the reason already recorded, or its shorter side
-    below min_size, naming the file."""
+def bad_reasons(df: pd.DataFrame, min_size: int, max_flat_share: float = 1.0) -> pd.Series:
+    """Per row: '' or why the file is bad, naming it: the reason already recorded, its shorter
+    side below min_size, or a single-colour / near-empty frame (more than max_flat_share of its
+    pixels at one grey level; 1.0 checks only exactly flat images)."""
+    from coursepipe.vision.manifest import flat_share
+
     small = df["decodable"] & (np.minimum(df["width"], df["height"]) < min_size)
     sizes = df["path"] + ": too small (" + df["width"].astype(str) + "x" + df["height"].astype(str) \
         + f" < min_size {min_size})"
     out = df["excluded"].copy()
-    return out.mask((out == "") & small, sizes)
+    out = out.mask((out == "") & small, sizes)
+    for i in np.flatnonzero(((out == "") & df["decodable"]).to_numpy()):
+        share = flat_share(df["image"].iloc[i])
+        if share > max_flat_share or share == 1.0:
+            out.iloc[i] = (f"{df['path'].iloc[i]}: single colour or near empty ({share:.1%} of "
+                           f"pixels at one level > max_flat_share {max_flat_share:.1%})")
+    return out
+
+
+def drop_valid_copies(df: pd.DataFrame, valid: np.ndarray) -> tuple[pd.Series, pd.Series, int]:
+    """prepare.duplicates: drop_valid: the validation copies of training images become excluded
+    rows (named), and no copy is left across the split. Returns (excluded, duplicate, count)."""
+    copies = (df["duplicate"] != "").to_numpy() & valid
+    excluded = df["excluded"].mask(pd.Series(copies, index=df.index) & (df["excluded"] == ""),
+                                   df["path"] + ": copy of a training image (prepare.duplicates: drop_valid)")
+    return excluded, pd.Series("", index=df.index, dtype=object), int(copies.sum())
 
 
 def usable(df: pd.DataFrame) -> pd.DataFrame:
@@ -188,7 +211,7 @@ class ImageClassification(Kind):
         from coursepipe.vision.manifest import cross_split_duplicates
 
         out = df.copy()
-        reasons = bad_reasons(out, p.min_size)
+        reasons = bad_reasons(out, p.min_size, p.max_flat_share)
         bad = (reasons != "").to_numpy()
         listed = "; ".join(reasons[bad].head(20))
         if bad.any() and p.bad_images == "error":
@@ -205,6 +228,11 @@ class ImageClassification(Kind):
             mask[keep[split_mask(len(keep), p.valid_pct, p.seed)]] = True
         out["excluded"] = reasons.to_numpy()
         out["duplicate"] = cross_split_duplicates(out["sha256"], out["path"], pd.Series(mask, index=out.index))
+        if p.duplicates == "drop_valid" and (out["duplicate"] != "").any():
+            out["excluded"], out["duplicate"], n = drop_valid_copies(out, mask)
+            print(f"prepare@{recipe.name}: dropped {n} validation image(s) that copy a training "
+                  f"image (prepare.duplicates: drop_valid; listed in `excluded`)")
+            bad = (out["excluded"] != "").to_numpy()
         counts = out.loc[~bad & ~mask, TARGET].value_counts()
         out["class_images"] = out[TARGET].map(counts).fillna(0).astype("int64")
         out["is_valid"] = mask

@@ -40,6 +40,19 @@ def inspect_image(data: bytes, rel: str) -> dict:
                 "decode_error": f"{rel}: cannot decode ({reason})"}
 
 
+def flat_share(data: bytes, tolerance: int = 8) -> float:
+    """The share of an image's pixels within `tolerance` grey levels of its median: 1.0 for a
+    single colour, near 1 for a near-empty frame (a blank scan, a dot on white). Measured on a
+    64 px greyscale thumbnail, so a 4k photo costs no more than a small one."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("L", (64, 64))  # JPEG: decode at reduced scale
+        grey = np.asarray(im.convert("L").resize((64, 64)), dtype=np.int16)
+    return float((np.abs(grey - np.median(grey)) <= tolerance).mean())
+
+
 def manifest_row(path: Path, root: Path, label: str) -> dict:
     """One file's manifest row; `path` is relative to the extracted archive's root."""
     data = path.read_bytes()
