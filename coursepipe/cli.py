@@ -44,7 +44,7 @@ def fetch_source(args) -> None:
     from coursepipe.config import ConfigError, evolve
     from coursepipe.sources import fetch
     params, cfg, _ = _cfg(args)
-    if getattr(args, "source", None):  # fetch a source other than the active one (for `dvc exp run -S`)
+    if args.source:  # fetch a source other than the active one (for `dvc exp run -S`)
         if args.source not in cfg.sources:
             raise ConfigError(f"recipes.{cfg.name}.sources has no {args.source!r}; "
                               f"choose from {sorted(cfg.sources)}")
@@ -219,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
                     help="copy params.yaml and gx/ from here into a root that lacks them (default: .)")
     pl.add_argument("--dvc", action="store_true",
                     help="also `dvc add data` + `dvc push` (off: a job's root is usually no DVC repo)")
-    pl.set_defaults(fn=cmd_pipeline)
+    pl.set_defaults(fn=cmd_pipeline, source=None)  # pipeline fetches the active source
 
     lf = sub.add_parser("lr-find", help="run the LR finder (plot + suggested learning rates)")
     lf.add_argument("recipe")

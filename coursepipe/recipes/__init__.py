@@ -38,7 +38,10 @@ def get(name: str) -> Recipe:
         module = importlib.import_module(f"{__name__}.{name}")
     except (ContractError, TypeError) as e:  # RECIPE = Recipe(...) missing a field, a bad kind
         raise ContractError(f"coursepipe/recipes/{name}.py: {e}") from e
-    recipe = getattr(module, "RECIPE", None)
+    try:
+        recipe = module.RECIPE  # the one name a recipe module must declare
+    except AttributeError:
+        raise ContractError(f"{module.__name__}: declares no RECIPE (a coursepipe.contract.Recipe)") from None
     if not isinstance(recipe, Recipe):
         raise ContractError(f"{module.__name__}: RECIPE must be a coursepipe.contract.Recipe, got {recipe!r}")
     if recipe.name != name:
