@@ -194,6 +194,20 @@ def cmd_predict(args) -> None:
     write_csv(out, args.out or sys.stdout)
 
 
+def cmd_serve(args) -> None:
+    from coursepipe import recipes
+    from coursepipe.serve import run
+    paths = Paths(args.root)
+    limits = recipes.load_params(Path(args.params) if args.params else paths.params).serve
+    root = Path(args.export_root or limits.export_root)
+    root = root if root.is_absolute() else paths.root / root
+    host, port = args.host or limits.host, args.port or limits.port
+    if args.ray:
+        run.deploy(root, limits, host, port, blocking=True)
+    else:
+        run.serve_local(root, limits, host, port)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="coursepipe", description=__doc__.splitlines()[0])
     p.add_argument("--root", default=os.getcwd(), help="project root (default: current directory)")
@@ -249,6 +263,14 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--export", help="export folder (default: <root>/export/<recipe>)")
     pr.add_argument("--out", help="output CSV (default: stdout)")
     pr.set_defaults(fn=cmd_predict)
+
+    sv = sub.add_parser("serve", help="web pages + JSON API for every exported model (uvicorn, or Ray Serve)")
+    sv.add_argument("--host", help="default: params.yaml serve.host")
+    sv.add_argument("--port", type=int, help="default: params.yaml serve.port")
+    sv.add_argument("--export-root", help="folder of <recipe>/ exports (default: serve.export_root)")
+    sv.add_argument("--ray", action="store_true",
+                    help="run as a Ray Serve deployment (serve.ray: replicas, autoscaling; joins RAY_ADDRESS)")
+    sv.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -185,7 +185,7 @@ def build(cls: type, raw: dict, where: str, origin: Mapping[str, str] | None = N
         if name in raw:
             kwargs[name] = _coerce(raw[name], hints[name], key, located)
         elif not _admits_none(hints[name]):  # a code default never stands in for a params value
-            raise ConfigError(f"{where}: missing required key '{name}'")
+            raise ConfigError(f"{where + ': ' if where else ''}missing required key '{name}'")
     global _RECORDER
     outer, _RECORDER = _RECORDER, None  # __post_init__'s checks are the loader's reads, not a stage's
     try:
@@ -352,6 +352,44 @@ class Schedule(Section):
     timezone: str
 
 
+@dataclass(frozen=True)
+class RayServe(Section):
+    """serve.ray: the same app as a Ray Serve deployment (`coursepipe serve --ray`)."""
+    replicas: int                   # fixed replica count when autoscale is false
+    cpus_per_replica: float         # Ray resources each replica reserves
+    autoscale: bool                 # true: Serve scales between min_replicas and max_replicas
+    min_replicas: int
+    max_replicas: int
+    target_ongoing_requests: float  # autoscale: requests in flight per replica Serve aims for
+
+    def __post_init__(self):
+        positive(self, "replicas", "min_replicas", "max_replicas")
+        if self.min_replicas > self.max_replicas:
+            raise ConfigError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if not self.cpus_per_replica > 0 or not self.target_ongoing_requests > 0:
+            raise ConfigError("cpus_per_replica and target_ongoing_requests must be > 0")
+
+
+@dataclass(frozen=True)
+class Serve(Section):
+    """serve: `coursepipe serve`, the web app and JSON API over export/<recipe>/ folders."""
+    host: str
+    port: int
+    export_root: str                # folder of export/<recipe>/ folders, relative to the root
+    max_upload_bytes: int           # a request body above this is refused (413) while it streams in
+    max_pixels: int                 # width x height above this is refused before decoding (bombs)
+    max_text_chars: int             # longest text field (a review, a prompt, a table cell)
+    max_batch: int                  # inputs per API call
+    max_new_tokens: int             # language models: longest continuation asked for
+    top_k: int                      # classes listed per prediction
+    recommend_n: int                # collaborative filtering: the page's top-N
+    ray: RayServe
+
+    def __post_init__(self):
+        positive(self, "port", "max_upload_bytes", "max_pixels", "max_text_chars", "max_batch",
+                 "max_new_tokens", "top_k", "recommend_n")
+
+
 # the sections every recipe has, with their base types; `defaults:` may set any of their fields
 SECTIONS: dict[str, type] = {"prepare": Prepare, "validate": Validate, "train": Train,
                              "evaluate": Evaluate, "export": Export, "schedule": Schedule}
@@ -390,6 +428,7 @@ class Params(Section):
     ray_storage: str                # Ray Train run folder; absolute, URI, or relative to the root
     fetch_timeout_s: float          # seconds a download may stall before `fetch` gives up
     defaults: dict[str, Any]        # merged into the recipes' sections; kept for reference
+    serve: Serve                    # `coursepipe serve` (reads no recipe section)
 
     def recipe(self, name: str) -> RecipeConfig:
         if name not in self.recipes:
@@ -485,7 +524,8 @@ def parse(raw: Any, recipes: Mapping[str, RecipeTypes]) -> Params:
                                   f"names no recipe")
     params = build(Params, {**raw, "recipes": {}, "defaults": {}}, "")
     params = dataclasses.replace(params, recipes=parsed, defaults=defaults)
-    object.__setattr__(params, "_keys", {"ray_storage": "ray_storage", "fetch_timeout_s": "fetch_timeout_s"})
+    object.__setattr__(params, "_keys", {"ray_storage": "ray_storage", "fetch_timeout_s": "fetch_timeout_s",
+                                         "serve": "serve"})
     return params
 
 

@@ -120,6 +120,13 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def served_root(tmp_path_factory):
+    """A project whose export/ holds a real export of each kind (tests/serving.py; ~40 s)."""
+    from serving import build_exports
+    return build_exports(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
 def prefect_api():
     """A real, temporary Prefect API (SQLite) shared by the flow tests (~15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -99,7 +99,11 @@ def predict_frame(export_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
 
 def top_items(export_dir: str | Path, user: int, n: int) -> pd.DataFrame:
     """The n known items with the highest predicted rating for `user` (all items are scored)."""
-    sess, state = load(export_dir)
+    return rank_items(*load(export_dir), user, n)
+
+
+def rank_items(sess, state: dict, user: int, n: int) -> pd.DataFrame:
+    """top_items on a loaded model (a server keeps one session for every request)."""
     items = np.asarray(state["items"], dtype=np.int64)
     users = lookup(state["users"], np.full(len(items), user, dtype=np.int64))
     scores = run_indices(sess, users, np.arange(1, len(items) + 1, dtype=np.int64))

@@ -187,6 +187,8 @@ def model_card(cfg: RecipeConfig, paths: Paths, recipe: Recipe, bundle: train.Bu
         **recipe.kind.card(recipe, bundle.processor),
         "onnx_inputs": names,
         "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+        # the course's result beside this model's (the serving pages and summary show both)
+        "course": dict(zip(("metric", "value", "on"), recipe.course)) if recipe.course else None,
         "data": data_version(paths, cfg.name),
         "params": {"prepare": prepare.lineage(paths, cfg.name).get("prepare"),
                    "model": dataclasses.asdict(bundle.model_config), "train": bundle.train_config,
