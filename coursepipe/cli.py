@@ -195,10 +195,10 @@ def cmd_predict(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from coursepipe import recipes
+    from coursepipe.config import load_serve
     from coursepipe.serve import run
     paths = Paths(args.root)
-    limits = recipes.load_params(Path(args.params) if args.params else paths.params).serve
+    limits = load_serve(Path(args.params) if args.params else paths.params)  # no recipe code: no torch
     root = Path(args.export_root or limits.export_root)
     root = root if root.is_absolute() else paths.root / root
     host, port = args.host or limits.host, args.port or limits.port

@@ -365,7 +365,7 @@ class RayServe(Section):
     def __post_init__(self):
         positive(self, "replicas", "min_replicas", "max_replicas")
         if self.min_replicas > self.max_replicas:
-            raise ConfigError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+            raise ConfigError(f"min_replicas must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}")
         if not self.cpus_per_replica > 0 or not self.target_ongoing_requests > 0:
             raise ConfigError("cpus_per_replica and target_ongoing_requests must be > 0")
 
@@ -532,6 +532,26 @@ def parse(raw: Any, recipes: Mapping[str, RecipeTypes]) -> Params:
 def load(path: str | Path, recipes: Mapping[str, RecipeTypes]) -> Params:
     """Read and check params.yaml; YAML syntax errors become ConfigError naming the file."""
     path = Path(path)
+    raw = read_yaml(path)
+    try:
+        return parse(raw, recipes)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_serve(path: str | Path) -> Serve:
+    """params.yaml's `serve:` section alone: the server needs no recipe (nor their code, torch)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or "serve" not in raw:
+        raise ConfigError(f"{path}: missing required key 'serve'")
+    try:
+        return _coerce(raw["serve"], Serve, "serve", True)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def read_yaml(path: Path) -> Any:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -541,7 +561,4 @@ def load(path: str | Path, recipes: Mapping[str, RecipeTypes]) -> Params:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         detail = problem or " ".join(str(e).split())
         raise ConfigError(f"{path}: not valid YAML{at}: {detail}") from None
-    try:
-        return parse(raw, recipes)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return raw

@@ -84,25 +84,43 @@ def test_lists_every_export_with_its_course_metric(url, served_root):
 
 
 def test_app_runs_from_the_export_alone(served_root, tmp_path):
-    """A fresh interpreter serving a copy of export/: no torch, no recipe code is imported."""
+    """A fresh interpreter serving a copy of export/, one request per kind: no torch and no recipe
+    code is imported, and nothing is unpickled (pickle's loaders are made to fail first)."""
     import shutil
     shutil.copytree(served_root / "export", tmp_path / "export")
     script = f"""
-import sys, httpx
+import pickle, sys, httpx
+def refuse(*a, **k):
+    raise AssertionError('something was unpickled')
+pickle.load = pickle.loads = pickle.Unpickler = refuse
 from coursepipe import config
 from coursepipe.serve.app import create_app
+from coursepipe.serve.load import models, sample_call
 from coursepipe.serve.run import Background
-import yaml
-limits = config.build(config.Serve, yaml.safe_load(open({str(served_root / 'params.yaml')!r}))['serve'], 'serve')
+limits = config.load_serve({str(served_root / 'params.yaml')!r})
 with Background(create_app({str(tmp_path / 'export')!r}, limits)) as url:
-    assert httpx.post(url + '/api/models/human_numbers/predict',
-                      json={{'inputs': [{{'text': 'one , two'}}]}}).status_code == 200
-heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('coursepipe.kinds', 'coursepipe.learn', 'coursepipe.recipes.')))
+    for d in models(url):
+        call = sample_call(d)
+        r = httpx.request(call.method, url + call.path, json=call.json)
+        assert r.status_code == 200, (d['name'], r.text)
+heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('coursepipe.kinds', 'coursepipe.learn', 'coursepipe.recipes')))
 print(heavy)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_malformed_serve_params_are_one_line_naming_the_key(tmp_path):
+    import yaml
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["serve"]["ray"]["min_replicas"] = 5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, "-m", "coursepipe.cli", "--root", str(tmp_path), "serve"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (f"coursepipe serve: error: {tmp_path / 'params.yaml'}: serve.ray.min_replicas: "
+                                  f"must be <= max_replicas (4), got 5")
 
 
 # ----------------------------------------------------------------------------- each kind
