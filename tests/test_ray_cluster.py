@@ -86,3 +86,40 @@ def test_ray_job_submit_runs_the_pipeline_into_shared_storage(tmp_path, ray_head
     assert metrics["accuracy"] > 0.7
     assert (shared / "export" / "adult" / "model.onnx").is_file()
     assert not (shared / "dvc.lock").exists()   # a job writes outputs, not DVC's lock
+
+
+def test_serve_ray_joins_the_cluster_named_by_ray_address(tmp_path, ray_head):
+    """`coursepipe serve --ray` with RAY_ADDRESS: the app's replicas run on that cluster (last in
+    this file: its replicas hold 1 of the head's 2 CPUs until the head stops)."""
+    import httpx
+
+    from serving import build_exports
+    root = build_exports(tmp_path / "served", ("adult",))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "coursepipe.cli", "--root", str(root), "serve", "--ray",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env=dict(os.environ, RAY_ADDRESS=ray_head["address"], RAY_AUTH_MODE="disabled"))
+    try:
+        deadline, answer = time.time() + 180, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=5)
+                if answer.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert answer is not None and answer.status_code == 200, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert [m["name"] for m in answer.json()] == ["adult"]
+        actors = sh([str(Path(sys.executable).parent / "ray"), "list", "actors", "--format=json", "--limit=1000",
+                     f"--address={ray_head['address']}"], cwd=root).stdout
+        replicas = [a for a in json.loads(actors)
+                    if a.get("state") == "ALIVE" and "ServeReplica:coursepipe" in (a.get("class_name") or "")]
+        assert len(replicas) == 2, actors[-2000:]  # params.yaml serve.ray.replicas, on the cluster
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
