@@ -5,6 +5,7 @@ Layout of the file:
 
     ray_storage: .runs                 # where Ray Train keeps checkpoints (runtime, not a result)
     fetch_timeout_s: 60.0              # `coursepipe fetch` downloads (runtime)
+    serve: {host, port, limits..., ray: {replicas, ...}}   # `coursepipe serve` (config.Serve)
     defaults:                          # shared values, written once
       prepare: {...}  validate: {...}  train: {...}  evaluate: {...}  export: {...}  schedule: {...}
     recipes:
@@ -366,8 +367,9 @@ class RayServe(Section):
         positive(self, "replicas", "min_replicas", "max_replicas")
         if self.min_replicas > self.max_replicas:
             raise ConfigError(f"min_replicas must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}")
-        if not self.cpus_per_replica > 0 or not self.target_ongoing_requests > 0:
-            raise ConfigError("cpus_per_replica and target_ongoing_requests must be > 0")
+        for name in ("cpus_per_replica", "target_ongoing_requests"):
+            if not getattr(self, name) > 0:  # `not >` also refuses NaN
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

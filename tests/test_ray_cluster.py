@@ -92,10 +92,13 @@ def test_serve_ray_joins_the_cluster_named_by_ray_address(tmp_path, ray_head):
     """`coursepipe serve --ray` with RAY_ADDRESS: the app's replicas run on that cluster (last in
     this file: its replicas hold 1 of the head's 2 CPUs until the head stops)."""
     import httpx
+    import pandas as pd
 
+    from coursepipe.serve.models import load_script
     from serving import build_exports
     root = build_exports(tmp_path / "served", ("adult",))
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "coursepipe.cli", "--root", str(root), "serve", "--ray",
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True,
@@ -104,7 +107,7 @@ def test_serve_ray_joins_the_cluster_named_by_ray_address(tmp_path, ray_head):
         deadline, answer = time.time() + 180, None
         while time.time() < deadline and proc.poll() is None:
             try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/api/models", timeout=5)
+                answer = httpx.get(f"{url}/api/models", timeout=5)
                 if answer.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -117,6 +120,18 @@ def test_serve_ray_joins_the_cluster_named_by_ray_address(tmp_path, ray_head):
         replicas = [a for a in json.loads(actors)
                     if a.get("state") == "ALIVE" and "ServeReplica:coursepipe" in (a.get("class_name") or "")]
         assert len(replicas) == 2, actors[-2000:]  # params.yaml serve.ray.replicas, on the cluster
+        # answers through Serve's proxy and replicas are the export's own, refusals included
+        folder = root / "export" / "adult"
+        module = load_script(folder)
+        sess, state = module.load(folder)
+        row = {c: state["categories"][c][1] for c in state["cat_names"]} | {"age": 40, "fnlwgt": 1e5,
+                                                                            "education-num": 9}
+        out = httpx.post(f"{url}/api/models/adult/predict", json={"inputs": [row]}, timeout=60).json()
+        expected = module.predict_proba(sess, state, pd.DataFrame([row]))[0]
+        assert out["outputs"][0]["probability"] == pytest.approx(float(expected.max()), abs=1e-6)
+        assert httpx.get(f"{url}/api/models/nope", timeout=60).status_code == 404
+        long = {"inputs": [{**row, "race": "x" * 6000}]}
+        assert httpx.post(f"{url}/api/models/adult/predict", json=long, timeout=60).status_code == 413
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -3,7 +3,8 @@
 Each answer is checked against the export folder's own predict.py (run as a script, or its
 functions), so a page or API that drifts from the exported model fails here. The bad-input tests
 send what an attacker or a careless client would: a text file named .jpg, a decompression bomb,
-a body too large (declared and streamed), unknown names, paths in names.
+a body too large (declared and streamed), unknown names, paths in names. The Ray Serve
+deployment is tested on a `ray start --head` cluster (tests/test_ray_cluster.py).
 """
 from __future__ import annotations
 
@@ -260,32 +261,12 @@ def test_bounded_load_has_no_errors(url):
         assert result.requests == 64 and result.p99_ms >= result.p50_ms > 0
 
 
-# ----------------------------------------------------------------------------- Ray Serve
+def test_ray_serve_options_come_from_params(limits):
+    from coursepipe.serve.run import deployment_options
 
-def test_ray_serve_deployment_with_two_replicas(served_root, limits, ray_session, url):
-    """The same app as a Ray Serve deployment: two replicas, the same answers as uvicorn's."""
-    import socket
-
-    from ray import serve
-    from coursepipe.serve.run import APP_NAME, deploy
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = evolve(limits, ray=evolve(limits.ray, replicas=2, cpus_per_replica=0.25))
-    try:
-        deploy(served_root / "export", cfg, "127.0.0.1", port)
-        status = serve.status().applications[APP_NAME]
-        dep = status.deployments[APP_NAME]
-        assert status.status == "RUNNING" and dep.replica_states.get("RUNNING") == 2, dep
-        served = f"http://127.0.0.1:{port}"
-        body = {"inputs": [{"image_base64": base64.b64encode(digit(7)).decode()}]}
-        via_ray = httpx.post(f"{served}/api/models/mnist/predict", json=body, timeout=60).json()
-        local = httpx.post(f"{url}/api/models/mnist/predict", json=body).json()
-        assert via_ray["outputs"] == local["outputs"]
-        assert httpx.get(f"{served}/api/models/nope", timeout=60).status_code == 404
-        r = httpx.post(f"{served}/api/models/mnist/images", timeout=60,
-                       files=[("files", ("notes.jpg", b"plain text", "image/jpeg"))])
-        assert r.status_code == 415 and "notes.jpg" in r.json()["detail"]
-    finally:
-        serve.shutdown()
+    fixed = deployment_options(evolve(limits.ray, autoscale=False, replicas=3, cpus_per_replica=0.5))
+    assert fixed == {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 3}
+    auto = deployment_options(evolve(limits.ray, autoscale=True, min_replicas=1, max_replicas=4,
+                                     target_ongoing_requests=8.0))
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8.0}
+    assert "num_replicas" not in auto

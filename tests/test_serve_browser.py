@@ -77,6 +77,8 @@ def test_upload_an_image_and_read_the_label(browser, url, tmp_path):
     browser.find_element(By.ID, "go").click()
     label, probability = shown(finished(browser))
     bars = browser.find_elements(By.CSS_SELECTOR, "#result .bar")
+    thumb = browser.find_element(By.CSS_SELECTOR, "#result img.thumb")  # the upload, beside its label
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumb) == 28
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "serve_mnist.png"))
     api = httpx.post(f"{url}/api/models/mnist/images",
