@@ -116,9 +116,7 @@ def create_app(export_root: str | Path, limits) -> FastAPI:
 
     @app.post("/api/models/{name}/images", summary="Label uploaded image files")
     def images(name: str, files: list[UploadFile] = File(...)) -> dict:
-        m = of_kind(name, ImageModel)
-        if len(files) > limits.max_batch:
-            raise BadInput(413, f"{len(files)} files, more than the limit of {limits.max_batch} per call")
+        m = of_kind(name, ImageModel)  # predict_files holds the batch limit, for both image routes
         # the uploaded name is shown back, never opened: the bytes come from the request body
         blobs = [(f.filename or f"file {i}", f.file.read()) for i, f in enumerate(files)]
         return {"model": name, "outputs": m.predict_files(blobs)}

@@ -82,7 +82,6 @@ def deploy(export_root: Path, limits, host: str, port: int, blocking: bool = Fal
     def builder():  # a plain function: Ray Serve takes a partial for an ASGI app itself
         return build_app(root, limits)
 
-    ingress = serve.ingress(builder)
-    dep = serve.deployment(name=APP_NAME, **deployment_options(limits.ray))(ingress(type("CoursepipeApp", (), {})))
+    dep = serve.deployment(name=APP_NAME, **deployment_options(limits.ray))(serve.ingress(builder)())
     handle = serve.run(dep.bind(), name=APP_NAME, route_prefix="/", blocking=blocking)
     return handle
