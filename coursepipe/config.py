@@ -295,7 +295,13 @@ class Train(Section):
     div: float                      # start lr = lr / div
     div_final: float                # final lr = lr / div_final
     freeze_epochs: int              # > 0: fastai's fine_tune: this many frozen epochs first, then
-    lr_mult: float                  #   `epochs` unfrozen at slice(lr / 2 / lr_mult, lr / 2)
+    lr_mult: float                  #   `epochs` unfrozen at slice(unfrozen_lr / lr_mult, unfrozen_lr)
+    unfrozen_lr: float | None       # fine_tune's unfrozen peak; None: lr / 2 (fastai's fine_tune)
+    # BatchNorm of the body (every param group but the head): `train` (fastai's default: always
+    # trainable, batch statistics), `freeze_frozen` (frozen groups' BN frozen too and its running
+    # statistics kept: fastai's train_bn=False + BnFreeze), `fixed_stats` (the body's BN keeps its
+    # pretrained running statistics in every phase: batches too small to estimate them)
+    bn: Literal["train", "freeze_frozen", "fixed_stats"]
     seed: int
     num_workers: int                # Ray Train workers (data-parallel ranks)
     cpus_per_worker: int
@@ -322,6 +328,8 @@ class Train(Section):
             raise ConfigError(f"freeze_epochs must be >= 0, got {self.freeze_epochs}")
         if self.lr_mult < 1:
             raise ConfigError(f"lr_mult must be >= 1, got {self.lr_mult}")
+        if self.unfrozen_lr is not None and self.unfrozen_lr <= 0:
+            raise ConfigError(f"unfrozen_lr must be > 0 or null, got {self.unfrozen_lr}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         if self.max_failures < 0:

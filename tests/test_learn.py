@@ -38,6 +38,9 @@ def test_phases_follow_fastai_fine_tune(adult_cfg):
     assert fine_tune.locate([frozen, unfrozen], 2) == (1, 1)
     assert fine_tune.locate([frozen, unfrozen], 4) == (2, 0)
     assert len(fine_tune.phases(dataclasses.replace(t, freeze_epochs=0))) == 1
+    # lesson 1's explicit unfrozen slice(1e-6, 1e-4)
+    _, lesson1 = fine_tune.phases(dataclasses.replace(t, unfrozen_lr=1e-4))
+    assert lesson1.lr == pytest.approx((1e-6, 1e-4))
 
 
 def test_freeze_keeps_batchnorm_trainable():
@@ -50,6 +53,34 @@ def test_freeze_keeps_batchnorm_trainable():
     assert head.weight.requires_grad
     fine_tune.freeze_to(model, groups, 0)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def bn_run(mode: str) -> tuple[bool, bool, bool]:
+    """Run a frozen then an unfrozen phase with train.bn = mode on a body with BatchNorm; return
+    whether the body's running mean moved in each phase and whether the head's BN moved at all."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+    head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model = nn.Sequential(body, head)
+    groups = [list(body.parameters()), list(head.parameters())]
+    x, y = torch.randn(64, 4) * 3 + 1, torch.randint(0, 2, (64,))
+    batches = lambda epoch=0: [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]  # noqa: E731
+    learn = program.Learner(model, batches, batches, nn.CrossEntropyLoss(),
+                            torch.optim.SGD(model.parameters(), lr=0.1),
+                            cbs=[fine_tune.BodyBatchNorm(mode, groups)] if mode != "train" else [])
+    moved, head_before = [], head[0].running_mean.clone()
+    for n in (-1, 0):                       # frozen phase, then unfrozen
+        before = body[1].running_mean.clone()
+        fine_tune.freeze_to(model, groups, n, train_bn=mode == "train")
+        learn.fit(1)
+        moved.append(not torch.equal(before, body[1].running_mean))
+    return moved[0], moved[1], not torch.equal(head_before, head[0].running_mean)
+
+
+def test_train_bn_modes_keep_or_update_the_body_statistics():
+    assert bn_run("train") == (True, True, True)             # fastai: BN always learns
+    assert bn_run("freeze_frozen") == (False, True, True)    # fastai train_bn=False + BnFreeze
+    assert bn_run("fixed_stats") == (False, False, True)     # pretrained statistics kept; head's BN trains
 
 
 def quiet() -> program.Hooks:

@@ -22,7 +22,7 @@ import torch
 
 from coursepipe.config import Train
 from coursepipe.learn.callbacks import EpochTable, ParamScheduler, Recorder, Timer
-from coursepipe.learn.fine_tune import Phase, freeze_to, lr_scales, phases
+from coursepipe.learn.fine_tune import BodyBatchNorm, Phase, freeze_to, lr_scales, phases
 from coursepipe.learn.loop import Callback, Learner, local_sum
 from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
 
@@ -134,13 +134,14 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
     groups = [g for g in kind.splitter(m, model) if g]
     scheduler, recorder, timer = ParamScheduler({}), Recorder(history), Timer()
     use_amp = t.mixed_precision and torch.device(hooks.device).type == "cuda"
+    body_bn = [BodyBatchNorm(t.bn, groups)] if t.bn != "train" else []
     learn = Learner(
         model,
         kind.batches(recipe, processor, train_df, m, t.bs, hooks.rank, hooks.world, t.seed, True),
         kind.batches(recipe, processor, valid_df, m, t.valid_bs, hooks.rank, hooks.world, t.seed, False),
         kind.loss_func(m), optimizer(groups, t), kind.metrics(m),
         cbs=[scheduler, recorder, timer, EpochTable(show=hooks.show),
-             *kind.callbacks(recipe, m, t), *hooks.callbacks],
+             *body_bn, *kind.callbacks(recipe, m, t), *hooks.callbacks],
         device=hooks.device, reduce=hooks.reduce,
         autocast_dtype=torch.bfloat16 if use_amp else None)
     return Parts(learn, model, groups, processor, scheduler, recorder, timer)
@@ -151,7 +152,7 @@ def enter_phase(parts: Parts, phase: Phase, t: Train) -> int:
 
     Returns the number of trainable parameters. The caller re-wraps the model for DDP after this,
     because DistributedDataParallel only syncs the parameters that required grad when wrapped."""
-    n_trainable = freeze_to(parts.model, parts.groups, -1 if phase.frozen else 0)
+    n_trainable = freeze_to(parts.model, parts.groups, -1 if phase.frozen else 0, train_bn=t.bn == "train")
     lo, hi = phase.lr
     for g, scale in zip(parts.learn.opt.param_groups, lr_scales(len(parts.groups), lo, hi)):
         g["lr_scale"] = scale
