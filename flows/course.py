@@ -2,15 +2,21 @@
 
     python -m flows.course --recipe adult      # one recipe
     python -m flows.course --all               # every recipe in params.yaml, one at a time
+
+A flow run starts one local Ray head for all of its train stages and stops it at the end, also
+when a stage fails (coursepipe/distributed/cluster.py); with RAY_ADDRESS set, the stages join
+that cluster instead and nothing is started.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from prefect import flow
 
 from coursepipe import summary
+from coursepipe.distributed import cluster
 from coursepipe.recipes import get
 from coursepipe.recipes import load_params as load
 from coursepipe.paths import Paths
@@ -20,22 +26,26 @@ from tasks.stages import STAGE_TASKS, fetch
 
 
 @flow(name="course", flow_run_name="course-{recipe}", log_prints=True)
-def course(recipe: str = "adult", root: str = ".") -> dict:
+def course(recipe: str = "adult", root: str = ".", warm_cluster: bool = True) -> dict:
     """One recipe end to end; returns its metrics."""
     root = str(Path(root).resolve())
     load(Paths(root).params).recipe(recipe)  # fail fast on malformed params / unknown recipe
-    fetch(recipe, root)
-    for stage in STAGES:
-        STAGE_TASKS[stage](recipe, root)
+    with cluster.warm() if warm_cluster else contextlib.nullcontext():
+        fetch(recipe, root)
+        for stage in STAGES:
+            STAGE_TASKS[stage](recipe, root)
     return report(recipe, root)
 
 
 @flow(name="course-all", log_prints=True)
-def course_all(root: str = ".", recipes: list[str] | None = None) -> dict[str, dict]:
-    """Every recipe (or the given ones) in turn: DVC's repo lock and 2 cores favour one at a time."""
+def course_all(root: str = ".", recipes: list[str] | None = None,
+               warm_cluster: bool = True) -> dict[str, dict]:
+    """Every recipe (or the given ones) in turn, on one Ray head: DVC's repo lock and 2 cores
+    favour one at a time."""
     root = str(Path(root).resolve())
     names = recipes or list(load(Paths(root).params).recipes)
-    return {name: course(name, root) for name in names}
+    with cluster.warm() if warm_cluster else contextlib.nullcontext():
+        return {name: course(name, root) for name in names}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,8 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     which.add_argument("--recipe", help="run one recipe")
     which.add_argument("--all", action="store_true", help="run every recipe in params.yaml")
     p.add_argument("--root", default=".", help="project root (default: .)")
+    p.add_argument("--no-warm-cluster", dest="warm", action="store_false",
+                   help="let every train stage start its own Ray (default: one head for the run)")
     args = p.parse_args(argv)
-    result = course_all(args.root) if args.all else {args.recipe: course(args.recipe, args.root)}
+    result = (course_all(args.root, warm_cluster=args.warm) if args.all
+              else {args.recipe: course(args.recipe, args.root, warm_cluster=args.warm)})
     print(summary.table(summary.rows(Paths(args.root), [get(name) for name in result])))
 
 

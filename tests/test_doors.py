@@ -47,6 +47,9 @@ def test_flow_logs_stream_dvc_output_and_table_artifact(flow_repo):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": ["adult-metrics"]}))
     text = "\n".join(log.message for log in logs)
     assert "Running stage 'train@adult'" in text          # the stage's own output reached the API
+    # one Ray head for the flow run, joined by the train stage's `dvc repro` subprocess
+    head = text.split("Ray head at ", 1)[1].split()[0]
+    assert f"training on the Ray cluster at {head}" in text
     assert "accuracy" in text                              # the per-epoch table, streamed
     assert artifacts and artifacts[0].type == "table"
 

@@ -5,53 +5,35 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, sh, small_params, write_params
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from coursepipe.distributed import cluster
+from coursepipe.distributed.cluster import free_port
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     """A head node in its own process group, stopped by signal (not `ray stop`, which would also
     stop the test session's own local Ray)."""
-    gcs, dash = free_port(), free_port()
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length cap
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-    address, dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+    head = cluster.start_head(num_cpus=2)
     deadline = time.time() + 120
     while time.time() < deadline:  # the job API answers once the dashboard is up
-        probe = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list",
-                                f"--address={dashboard}"], capture_output=True, text=True)
+        probe = subprocess.run([cluster.ray_cli(), "job", "list", f"--address={head.dashboard}"],
+                               capture_output=True, text=True)
         if probe.returncode == 0:
             break
         time.sleep(3)
     else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail(f"ray head did not come up: {proc.stdout.read() if proc.stdout else ''}")
-    yield {"address": address, "dashboard": dashboard}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        head.stop()
+        pytest.fail("ray head's job API did not come up")
+    yield {"address": head.address, "dashboard": head.dashboard}
+    head.stop()
 
 
 def test_train_stage_joins_the_cluster_named_by_ray_address(validated, ray_head):

@@ -26,6 +26,7 @@ import torch
 
 from coursepipe.config import ConfigError, Train
 from coursepipe.contract import ContractError
+from coursepipe.distributed.cluster import RAY_ENV
 from coursepipe.learn import program
 
 CKPT_FILE = "checkpoint.pt"
@@ -217,16 +218,6 @@ class FitResult:
     worker: dict = dataclasses.field(default_factory=dict)  # rank 0's worker_stats()
     start_epoch: int = 0     # > 0 when the (last) worker group resumed from a checkpoint
     rank_checksums: list = dataclasses.field(default_factory=list)  # per rank, after training
-
-
-# Ray settings a local cluster inherits from this process; a value already in the environment wins.
-RAY_ENV = {
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # its error line, and nothing to watch on one box
-    # How often (s) the controller polls the workers, default 2. A worker's report() blocks until
-    # the poll takes the previous one, and the end of training is noticed at the next poll: at
-    # 2 s, adult's 0.8 s epochs waited ~1 s each and fit() spent ~5 s more in teardown.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-}
 
 
 def set_ray_env() -> None:
