@@ -309,6 +309,11 @@ class Train(Section):
     use_gpu: bool
     mixed_precision: bool           # bf16 autocast, only where the device is a GPU
     max_failures: int               # worker-group restarts Ray Train may make (FailureConfig)
+    # memory: the prepared table travels to every worker in the train config; ray_data: workers
+    # stream their shard of it from Ray Data, bytes decoded in Ray Data tasks (kinds that have it)
+    data_path: Literal["memory", "ray_data"]
+    shuffle_buffer: int             # ray_data: rows in each rank's local shuffle buffer
+    decode_cpus: float              # ray_data: CPUs each read / decode task reserves (fractions share)
     checkpoints_kept: int           # newest Ray checkpoints kept per run (older ones deleted)
 
     def __post_init__(self):
@@ -332,6 +337,9 @@ class Train(Section):
             raise ConfigError(f"unfrozen_lr must be > 0 or null, got {self.unfrozen_lr}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        positive(self, "shuffle_buffer")
+        if not 0.0 <= self.decode_cpus:
+            raise ConfigError(f"decode_cpus must be >= 0, got {self.decode_cpus}")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures must be >= 0, got {self.max_failures}")
 

@@ -140,6 +140,21 @@ class Kind(abc.ABC):
         """Extra training-loop callbacks (augmentation, pretrained weights, state resets)."""
         return []
 
+    # -- the streaming data path (train.data_path: ray_data, coursepipe/distributed/ray_train.py)
+    def heavy_columns(self, m) -> tuple[str, ...]:
+        """Columns that only Ray Data's tasks read and decode (image bytes): the driver and the
+        train workers hold the rest of the table. () = this kind has no streaming path."""
+        return ()
+
+    def processor_columns(self, m) -> tuple[str, ...]:
+        """Heavy columns fit_processor needs for model section m (e.g. pixels for the data's own
+        normalisation statistics); the driver reads them for the training rows only."""
+        return ()
+
+    def usable(self, df):
+        """The rows that train and score (a policy may keep rows that are listed, not used)."""
+        return df
+
     # -- evaluate
     @abc.abstractmethod
     def evaluate(self, run: Evaluation) -> tuple[dict, Path]:

@@ -149,6 +149,83 @@ def resume_from_ray() -> dict | None:
     return None if checkpoint is None else newest_good(checkpoint, older_checkpoints(checkpoint))
 
 
+# ----------------------------------------------------------------------------- the streaming data path
+
+@dataclass(frozen=True)
+class Stream:
+    """train.data_path: ray_data: the driver's part. Workers get a light frame (no heavy columns)
+    and this processor; their rows arrive from Ray Data, decoded in its tasks."""
+    table: str          # the prepared parquet; on a multi-node cluster a path every node sees
+    processor: dict     # fitted once, on the driver
+
+
+def decode_rows(recipe, processor: dict, m, df: pd.DataFrame) -> dict:
+    """Ray Data's map_batches: prepared rows, bytes included -> the kind's tensors as numpy arrays
+    keyed t0 (first input) .. tN (target). Rows the kind does not use are dropped here."""
+    df = recipe.kind.usable(df)
+    if df.empty:  # a block of excluded rows only
+        return {}
+    return {f"t{i}": t.numpy() for i, t in enumerate(recipe.kind.tensors(recipe, processor, df))}
+
+
+def datasets(recipe, m, t: Train, stream: Stream) -> dict:
+    """{'train', 'valid'}: the table's rows of each split, read and decoded as streaming tasks
+    (`decode_cpus` each). Nothing is read until a worker iterates its shard."""
+    import functools
+
+    import ray.data
+    from ray.data.expressions import col
+
+    ctx = ray.data.DataContext.get_current()   # datasets carry it to the workers
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False  # the epoch table is the progress
+    decode = functools.partial(decode_rows, recipe, stream.processor, m)
+    return {name: ray.data.read_parquet(stream.table, num_cpus=t.decode_cpus)
+            .filter(expr=col("is_valid") == valid)
+            .map_batches(decode, batch_format="pandas", num_cpus=t.decode_cpus)
+            for name, valid in (("train", False), ("valid", True))}
+
+
+class ShardBatches:
+    """One rank's batches from Ray Data (Kind.batches' role on the streaming path).
+
+    train: the rank's share of the split (Ray Train splits it equally, so every rank takes the
+    same number of steps), reshuffled each epoch in a local buffer seeded by (seed, epoch).
+    valid: rank 0 scores every validation row and the other ranks none (the metric sums are
+    added over ranks), so no row is dropped or counted twice."""
+
+    def __init__(self, split: str, rows: int, bs: int, rank: int, world: int, seed: int,
+                 train: bool, buffer: int):
+        self.split, self.seed, self.train, self.buffer = split, seed, train, buffer
+        if train:
+            self.bs = max(1, bs // world)
+            self.n = (rows // world) // self.bs
+        else:
+            self.bs = bs
+            self.n = -(-rows // bs) if rank == 0 else 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, epoch: int = 0):
+        if self.n == 0:
+            return
+        import ray.train
+
+        shuffle = ({"local_shuffle_buffer_size": self.buffer,
+                    "local_shuffle_seed": self.seed * 1_000_003 + epoch} if self.train else {})
+        shard = ray.train.get_dataset_shard(self.split)
+        for b in shard.iter_torch_batches(batch_size=self.bs, drop_last=self.train, **shuffle):
+            yield tuple(b[f"t{i}"] for i in range(len(b)))
+
+
+def shard_batches(t: Train):
+    """program.Hooks.batches for the streaming path (Kind.batches' signature)."""
+    def batches(recipe, processor, df, m, bs, rank, world, seed, train):
+        return ShardBatches("train" if train else "valid", len(recipe.kind.usable(df)), bs, rank,
+                            world, seed, train, t.shuffle_buffer)
+    return batches
+
+
 # ----------------------------------------------------------------------------- the worker loop
 
 def worker_stats(loop_started: float) -> dict:
@@ -179,6 +256,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     hooks = program.Hooks(rank=rank, world=world, device=ray.train.torch.get_device(), reduce=reduce,
                           wrap=ray.train.torch.prepare_model, resume=resume_from_ray,
                           report=ray_report(rank), show=rank == 0 and config.get("verbose", True))
+    if config.get("processor") is not None:  # the streaming path: rows come from Ray Data shards
+        hooks.processor, hooks.batches = config["processor"], shard_batches(t)
     try:
         out = program.train(recipe, m, t, config["frame"], hooks)
     except Exception as e:
@@ -241,17 +320,28 @@ def init_ray() -> None:
 
 
 def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
-        verbose: bool = True) -> FitResult:
+        verbose: bool = True, stream: Stream | None = None) -> FitResult:
     """Train `recipe`'s model section m with train section t on the prepared `frame` (with an
-    is_valid column) through Ray Train."""
+    is_valid column) through Ray Train; with `stream`, the frame lacks the heavy columns and the
+    workers read their rows from Ray Data."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t0 = time.perf_counter()
     init_ray()
+    data = {}
+    if stream is not None:
+        from ray.data import ExecutionOptions
+        # preserve_order: with one worker an epoch's rows arrive in the same order on a rerun
+        data = {"datasets": datasets(recipe, m, t, stream),
+                "dataset_config": ray.train.DataConfig(
+                    datasets_to_split=["train"],
+                    execution_options=ExecutionOptions(preserve_order=True))}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"recipe": recipe, "model": m, "train": t, "frame": frame, "verbose": verbose},
+        train_loop_config={"recipe": recipe, "model": m, "train": t, "frame": frame, "verbose": verbose,
+                           "processor": stream.processor if stream is not None else None},
+        **data,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu,

@@ -332,6 +332,15 @@ class ImageClassification(Kind):
             cbs.append(AugmentBatch(m.augment, t.seed))
         return cbs
 
+    def heavy_columns(self, m) -> tuple[str, ...]:
+        return ("image",)                  # encoded bytes: decoded in Ray Data's tasks
+
+    def processor_columns(self, m: ImageModel) -> tuple[str, ...]:
+        return ("image",) if m.normalize == "data" else ()   # only the data's own stats need pixels
+
+    def usable(self, df):
+        return usable(df)
+
     def evaluate(self, run: Evaluation) -> tuple[dict, Path]:
         """Accuracy / error rate, confusion matrix, most-confused pairs, top-losses grid."""
         import torch

@@ -52,6 +52,10 @@ class Hooks:
     report: Callable[[dict, Callable[[], dict] | None], None] = _no_report
     show: bool = True                                             # print the per-epoch table
     callbacks: tuple[Callback, ...] = ()                          # the door's own (tests, LR finder)
+    # the streaming data path: the processor the driver fitted (the frame then lacks the heavy
+    # columns), and batches from the door's data shards, with Kind.batches' signature
+    processor: dict | None = None
+    batches: Callable | None = None
 
 
 @dataclass
@@ -129,16 +133,17 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
     seed_everything(t.seed)
     kind = recipe.kind
     train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
-    processor = kind.fit_processor(recipe, train_df, m)
+    processor = hooks.processor if hooks.processor is not None else kind.fit_processor(recipe, train_df, m)
     model = kind.build_model(recipe, processor, m)
+    batches = hooks.batches or kind.batches
     groups = [g for g in kind.splitter(m, model) if g]
     scheduler, recorder, timer = ParamScheduler({}), Recorder(history), Timer()
     use_amp = t.mixed_precision and torch.device(hooks.device).type == "cuda"
     body_bn = [BodyBatchNorm(t.bn, groups)] if t.bn != "train" else []
     learn = Learner(
         model,
-        kind.batches(recipe, processor, train_df, m, t.bs, hooks.rank, hooks.world, t.seed, True),
-        kind.batches(recipe, processor, valid_df, m, t.valid_bs, hooks.rank, hooks.world, t.seed, False),
+        batches(recipe, processor, train_df, m, t.bs, hooks.rank, hooks.world, t.seed, True),
+        batches(recipe, processor, valid_df, m, t.valid_bs, hooks.rank, hooks.world, t.seed, False),
         kind.loss_func(m), optimizer(groups, t), kind.metrics(m),
         cbs=[scheduler, recorder, timer, EpochTable(show=hooks.show),
              *body_bn, *kind.callbacks(recipe, m, t), *hooks.callbacks],

@@ -23,6 +23,9 @@ from coursepipe.paths import Paths
 
 TABLE = "table.parquet"
 LINEAGE = "source.json"
+# Rows per parquet row group: the unit Ray Data's read tasks split a table by. One group of a
+# 20k-image table would be one 400 MB block in one task; 1,024 rows of 224-px JPEGs are ~20 MB.
+ROW_GROUP_ROWS = 1024
 
 
 @dataclass
@@ -46,16 +49,23 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths) -> PrepareResult:
     out = paths.prepared(cfg.name)
     with atomic_path(out) as tmp_out:
         tmp_out.mkdir()
-        df.to_parquet(tmp_out / TABLE, index=False)
+        df.to_parquet(tmp_out / TABLE, index=False, row_group_size=ROW_GROUP_ROWS)
         (tmp_out / LINEAGE).write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     return PrepareResult(rows=len(df), valid_rows=int(df["is_valid"].sum()), path=out / TABLE)
 
 
-def load(paths: Paths, recipe: str) -> pd.DataFrame:
+def load(paths: Paths, recipe: str, without: tuple[str, ...] = (), valid: bool | None = None) -> pd.DataFrame:
+    """The prepared table; `without` leaves columns unread (the bytes only Ray Data's tasks decode),
+    `valid` reads only the validation (True) or training (False) rows."""
     path = paths.prepared(recipe) / TABLE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
-    return pd.read_parquet(path)
+    columns = None
+    if without:
+        import pyarrow.parquet as pq
+        columns = [c for c in pq.read_schema(path).names if c not in without]
+    return pd.read_parquet(path, columns=columns,
+                           filters=None if valid is None else [("is_valid", "==", valid)])
 
 
 def lineage(paths: Paths, recipe: str) -> dict:

@@ -87,6 +87,27 @@ def check_validated(paths: Paths, recipe: str, table_digest: str) -> None:
                            f"{rep.get('evaluated')} rules; see {rel}): refusing to train on it")
 
 
+def load_frame(cfg: RecipeConfig, recipe: Recipe, paths: Paths):
+    """(frame, stream): the whole prepared table for the memory path; for `data_path: ray_data`
+    the table without its heavy columns and a ray_train.Stream holding the processor fitted
+    here, so neither the driver nor a worker ever holds the bytes Ray Data decodes."""
+    from coursepipe.distributed.ray_train import Stream
+
+    if cfg.train.data_path == "memory":
+        return prepare.load(paths, cfg.name), None
+    kind = recipe.kind
+    heavy = kind.heavy_columns(cfg.model)
+    if not heavy:
+        raise config.ConfigError(f"recipes.{cfg.name}.train.data_path: ray_data needs a kind with a "
+                                 f"streaming path; kind {kind.name} has none (use memory)")
+    frame = prepare.load(paths, cfg.name, without=heavy)
+    needs = kind.processor_columns(cfg.model)  # e.g. pixels for the data's own statistics
+    train_rows = (prepare.load(paths, cfg.name, without=tuple(c for c in heavy if c not in needs), valid=False)
+                  if needs else frame[~frame["is_valid"]])
+    table = str((paths.prepared(cfg.name) / prepare.TABLE).resolve())
+    return frame, Stream(table=table, processor=kind.fit_processor(recipe, train_rows, cfg.model))
+
+
 def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: bool = True) -> TrainResult:
     from coursepipe import locks
     from coursepipe.distributed import ray_train  # Ray is imported only when training
@@ -94,12 +115,12 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: 
     recipe.kind.prefetch(cfg.model)  # e.g. pretrained weights: fail here, in one line, not in a worker
     digest = file_digest(paths.prepared(cfg.name) / prepare.TABLE)
     check_validated(paths, cfg.name, digest)
-    frame = prepare.load(paths, cfg.name)
+    frame, stream = load_frame(cfg, recipe, paths)
     name = run_name(cfg, digest)
     lock = locks.run_lock(storage, name)  # two roots sharing ray_storage must not train one run twice
     with locks.hold(lock, f"Ray run {name}") if lock else contextlib.nullcontext():
         fit = ray_train.fit(recipe, cfg.model, cfg.train, frame, storage=storage, run_name=name,
-                            verbose=verbose)
+                            verbose=verbose, stream=stream)
     save_bundle(paths, cfg, fit.state["model"], fit.state["processor"], fit.history, summary={
         "run_name": name, "storage": storage, "epochs": len(fit.history),
         "train_seconds": round(fit.train_seconds, 3),

@@ -1,0 +1,91 @@
+"""The streaming data path (`train.data_path: ray_data`): the driver and the workers hold the
+prepared table without its image bytes; each rank reads its rows from Ray Data, decoded in Ray
+Data's tasks; one worker reruns an epoch exactly."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import fetch, load_cfg, write_params
+from coursepipe import config, recipes
+from coursepipe.distributed.ray_train import ShardBatches, decode_rows
+from test_pets import tiny_params
+
+OWN = recipes.get("own_images")
+
+
+def streamed(project, rows: int = 60, **train):
+    """own_images' synthetic sample, prepared and validated, with train.data_path: ray_data."""
+    from coursepipe.stages import prepare, validate
+    from coursepipe.validation.suites import init_suite
+
+    raw = tiny_params("own_images", rows=rows)
+    raw["recipes"]["own_images"]["validate"]["min_per_class"] = 2
+    raw["recipes"]["own_images"]["train"].update({"data_path": "ray_data", "freeze_epochs": 0,
+                                                  "epochs": 2, **train})
+    write_params(project.root, raw)
+    cfg = load_cfg(project, "own_images")
+    init_suite(cfg, OWN, project)
+    fetch(cfg, project)
+    prepare.run(cfg, OWN, project)
+    validate.run(cfg, OWN, project)
+    return cfg
+
+
+def test_the_driver_frame_has_no_image_bytes_and_the_same_processor(project):
+    from coursepipe.stages import prepare, train
+
+    cfg = streamed(project)
+    frame, stream = train.load_frame(cfg, OWN, project)
+    full = prepare.load(project, "own_images")
+    assert "image" not in frame.columns and len(frame) == len(full)
+    assert stream.processor == OWN.kind.fit_processor(OWN, full[~full["is_valid"]], cfg.model)
+    # one map_batches call: the kind's own tensors, as numpy, for the rows it uses
+    out = decode_rows(OWN, stream.processor, cfg.model, full.head(7))
+    x, y = OWN.kind.tensors(OWN, stream.processor, full.head(7))
+    assert np.array_equal(out["t0"], x.numpy()) and np.array_equal(out["t1"], y.numpy())
+    assert out["t0"].dtype == np.uint8 and out["t0"].shape[1:] == (3, 32, 32)
+
+
+def test_data_stats_are_fitted_from_the_training_pixels_on_the_driver(project):
+    from coursepipe.stages import prepare, train
+
+    cfg = streamed(project)
+    cfg = dataclasses.replace(cfg, model=config.evolve(cfg.model, normalize="data"))
+    _, stream = train.load_frame(cfg, OWN, project)
+    full = prepare.load(project, "own_images")
+    assert stream.processor["mean"] == OWN.kind.fit_processor(OWN, full[~full["is_valid"]], cfg.model)["mean"]
+
+
+def test_a_kind_without_a_streaming_path_is_refused_naming_the_key(prepared, adult_cfg, adult):
+    from coursepipe.stages import train
+
+    cfg = dataclasses.replace(adult_cfg, train=config.evolve(adult_cfg.train, data_path="ray_data"))
+    with pytest.raises(config.ConfigError, match=r"recipes.adult.train.data_path: ray_data"):
+        train.load_frame(cfg, adult, prepared)
+
+
+def test_every_rank_takes_the_same_steps_and_validation_counts_each_row_once():
+    a = [ShardBatches("train", 101, 10, r, 2, 0, True, 64) for r in (0, 1)]
+    assert [len(s) for s in a] == [10, 10] and a[0].bs == 5     # 50 rows a rank, batches of 5
+    v = [ShardBatches("valid", 101, 10, r, 2, 0, False, 64) for r in (0, 1)]
+    assert [len(s) for s in v] == [11, 0] and list(v[1]()) == []
+
+
+def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, tmp_path):
+    from coursepipe.distributed import ray_train
+    from coursepipe.stages import train
+
+    cfg = streamed(project)
+    frame, stream = train.load_frame(cfg, OWN, project)
+    runs = [ray_train.fit(OWN, cfg.model, cfg.train, frame, storage=str(tmp_path / f"s{i}"),
+                          run_name="stream", verbose=False, stream=stream) for i in range(2)]
+    a, b = (r.history for r in runs)
+    assert [h["epoch"] for h in a] == [0, 1]
+    assert [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in a] == \
+        [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in b]
+    n_valid = 12                                                 # 20 % of 60 rows
+    assert a[-1]["accuracy"] * n_valid == pytest.approx(round(a[-1]["accuracy"] * n_valid))  # each row once
+    assert a[-1]["accuracy"] > 0.25                              # 4 shapes: chance is 0.25
