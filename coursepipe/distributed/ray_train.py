@@ -181,7 +181,8 @@ def datasets(recipe, m, t: Train, stream: Stream) -> dict:
     decode = functools.partial(decode_rows, recipe, stream.processor, m)
     return {name: ray.data.read_parquet(stream.table, num_cpus=t.decode_cpus)
             .filter(expr=col("is_valid") == valid)
-            .map_batches(decode, batch_format="pandas", num_cpus=t.decode_cpus)
+            # a training batch's worth at a time: blocks reach the workers as they are decoded
+            .map_batches(decode, batch_format="pandas", batch_size=t.bs, num_cpus=t.decode_cpus)
             for name, valid in (("train", False), ("valid", True))}
 
 
