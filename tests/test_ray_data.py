@@ -49,6 +49,20 @@ def test_the_driver_frame_has_no_image_bytes_and_the_same_processor(project):
     assert out["t0"].dtype == np.uint8 and out["t0"].shape[1:] == (3, 32, 32)
 
 
+def test_prepared_image_rows_are_in_a_seeded_random_order_not_class_by_class(project):
+    """The streaming path reads row groups through a small shuffle buffer: a class-sorted table
+    would make its batches one class each."""
+    from coursepipe.stages import prepare
+
+    cfg = streamed(project)
+    labels = prepare.load(project, "own_images")["label"].tolist()
+    runs = sum(a != b for a, b in zip(labels, labels[1:])) + 1
+    assert runs > len(labels) // 3, f"{runs} runs of one class in {len(labels)} rows"
+    assert labels != sorted(labels)
+    prepare.run(cfg, OWN, project)   # the same seed: the same order, byte for byte
+    assert prepare.load(project, "own_images")["label"].tolist() == labels
+
+
 def test_data_stats_are_fitted_from_the_training_pixels_on_the_driver(project):
     from coursepipe.stages import prepare, train
 

@@ -32,6 +32,13 @@ GRADCAM_PNG = "gradcam.png"
 CONFUSED_CSV = "most_confused.csv"
 
 
+def seeded_order(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Rows in a seeded random order. Layouts list files class by class; the streaming data path
+    reads the table row group by row group through a small local shuffle buffer, so a
+    class-sorted table would give it batches of one or two classes."""
+    return df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------- sections
 
 @dataclass(frozen=True)
@@ -239,7 +246,7 @@ class ImageClassification(Kind):
         if bad.any():
             print(f"prepare@{recipe.name}: excluded {int(bad.sum())} of {len(out)} images "
                   f"(prepare.bad_images: exclude; listed in the table's `excluded` column): {listed}")
-        return out
+        return seeded_order(out, p.seed)
 
     def expectations(self, recipe, v: ImageValidate) -> list[Spec]:
         """Readable files of allowed size and mode, enough training images per class, no copies
