@@ -308,6 +308,7 @@ class Train(Section):
     threads: int                    # torch intra-op threads per worker; 0 = cpus_per_worker
     use_gpu: bool
     mixed_precision: bool           # bf16 autocast, only where the device is a GPU
+    channels_last: bool             # NHWC memory format for the model and 4-D inputs (GPU convolutions)
     max_failures: int               # worker-group restarts Ray Train may make (FailureConfig)
     # memory: the prepared table travels to every worker in the train config; ray_data: workers
     # stream their shard of it from Ray Data, bytes decoded in Ray Data tasks (kinds that have it)

@@ -83,6 +83,33 @@ def test_train_bn_modes_keep_or_update_the_body_statistics():
     assert bn_run("fixed_stats") == (False, False, True)     # pretrained statistics kept; head's BN trains
 
 
+def test_channels_last_converts_the_model_and_image_batches_and_computes_the_same():
+    """train.channels_last: the conv weights and every 4-D batch in NHWC; the numbers unchanged."""
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last))
+            return x
+
+    def run(fmt):
+        torch.manual_seed(0)
+        model = nn.Sequential(Spy(), nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        model = model.to(memory_format=fmt)
+        x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 2, (8,))
+        learn = program.Learner(model, lambda epoch=0: [(x, y)], lambda: [(x, y)], nn.CrossEntropyLoss(),
+                                torch.optim.SGD(model.parameters(), lr=0.1), memory_format=fmt)
+        learn.fit(1)
+        return model[1].weight
+
+    w_last = run(torch.channels_last)
+    assert seen and all(seen) and w_last.is_contiguous(memory_format=torch.channels_last)
+    seen.clear()
+    w_plain = run(torch.contiguous_format)
+    assert not any(seen)
+    assert torch.allclose(w_last, w_plain, atol=1e-6)
+
+
 def quiet() -> program.Hooks:
     return program.Hooks(show=False)
 

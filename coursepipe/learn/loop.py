@@ -59,10 +59,12 @@ class Learner:
                  valid_batches: Callable[[], Iterable[Batch]], loss_func: nn.Module,
                  opt: torch.optim.Optimizer, metrics: dict | None = None, cbs: Sequence[Callback] = (),
                  device: torch.device | str = "cpu", reduce: Callable = local_sum,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         self.model, self.train_batches, self.valid_batches = model, train_batches, valid_batches
         self.loss_func, self.opt, self.metrics = loss_func, opt, dict(metrics or {})
         self.device, self.reduce, self.autocast_dtype = torch.device(device), reduce, autocast_dtype
+        self.memory_format = memory_format  # for 4-D (image) batches; the model is converted by its builder
         self.cbs = sorted(cbs, key=lambda c: c.order)
         for cb in self.cbs:
             cb.learn = self
@@ -101,7 +103,8 @@ class Learner:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _to(self, batch: Batch) -> list[torch.Tensor]:
-        return [t.to(self.device, non_blocking=True) for t in batch]
+        return [t.to(self.device, non_blocking=True, memory_format=self.memory_format) if t.dim() == 4
+                else t.to(self.device, non_blocking=True) for t in batch]
 
     # -- one batch
     def _train_batch(self, batch: Batch) -> None:

@@ -134,7 +134,10 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
     kind = recipe.kind
     train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
     processor = hooks.processor if hooks.processor is not None else kind.fit_processor(recipe, train_df, m)
+    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = kind.build_model(recipe, processor, m)
+    if t.channels_last:
+        model = model.to(memory_format=fmt)  # 4-D weights only; others are left as they are
     batches = hooks.batches or kind.batches
     groups = [g for g in kind.splitter(m, model) if g]
     scheduler, recorder, timer = ParamScheduler({}), Recorder(history), Timer()
@@ -148,7 +151,7 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
         cbs=[scheduler, recorder, timer, EpochTable(show=hooks.show),
              *body_bn, *kind.callbacks(recipe, m, t), *hooks.callbacks],
         device=hooks.device, reduce=hooks.reduce,
-        autocast_dtype=torch.bfloat16 if use_amp else None)
+        autocast_dtype=torch.bfloat16 if use_amp else None, memory_format=fmt)
     return Parts(learn, model, groups, processor, scheduler, recorder, timer)
 
 
