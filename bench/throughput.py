@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     raw = params(src, args.images, args.model_side, args.threads)
     sec = raw["recipes"]["own_images"]
     sec["model"]["arch"] = args.arch
+    if args.side < sec["prepare"]["min_size"]:  # mnist-sized images are not bad images here
+        sec["prepare"]["min_size"] = args.side
+        sec["validate"]["image_side"] = [args.side, sec["validate"]["image_side"][1]]
     sec["train"].update({"epochs": args.epochs, "bs": args.bs, "use_gpu": args.device == "cuda",
                          "channels_last": args.channels_last})
     sec["train"].update({k: v for k, v in (("decode_cpus", args.decode_cpus),
