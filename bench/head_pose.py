@@ -7,7 +7,7 @@
 Reads R's prepared table (run `coursepipe --root R prepare head_pose` first) and trains the
 recipe with R's params through `coursepipe.learn.program.train` (the function every Ray worker
 runs, here in-process: the numbers, not the cluster, are measured). `--head`, `--size W H`,
-`--epochs`, `--freeze-epochs` override R's params for the comparison. Prints each seed's valid MSE
+`--epochs`, `--freeze-epochs`, `--bs`, `--lr` override R's params for the comparison. Prints each seed's valid MSE
 (units of [-1, 1]) and seconds, their mean, and the MSE of predicting the training points' mean.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, nargs=2)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--freeze-epochs", type=int)
+    ap.add_argument("--bs", type=int)
+    ap.add_argument("--lr", type=float)
     args = ap.parse_args(argv)
 
     paths = Paths(args.root)
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     frame = prepare.load(paths, args.recipe)
     m = evolve(cfg.model, **{k: v for k, v in (("head", args.head), ("size", tuple(args.size or ()) or None))
                              if v is not None})
-    t = evolve(cfg.train, **{k: v for k, v in (("epochs", args.epochs), ("freeze_epochs", args.freeze_epochs))
+    t = evolve(cfg.train, **{k: v for k, v in (("epochs", args.epochs), ("freeze_epochs", args.freeze_epochs),
+                                                         ("bs", args.bs), ("lr", args.lr))
                              if v is not None})
     train, valid = frame[~frame["is_valid"]], frame[frame["is_valid"]]
     baseline = float(((units(train).mean(0) - units(valid)) ** 2).mean())

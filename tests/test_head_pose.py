@@ -281,6 +281,17 @@ def test_head_pose_stages_end_to_end_then_predict_and_serve_in_pixels(project, r
     np.testing.assert_allclose([[a["x"], a["y"]] for a in answer], got[["x", "y"]].to_numpy(), atol=1e-3)
     assert [(a["width"], a["height"]) for a in answer] == [(640, 480), (640, 480)]
     assert served.form()["size"] == [64, 48]
+    # the web app: the page's form, and the upload route answering in pixels as predict.py does
+    from fastapi.testclient import TestClient
+
+    from coursepipe.serve.app import create_app
+    client = TestClient(create_app(project.root / "export", limits))
+    assert "Find the point" in client.get("/models/head_pose").text
+    r = client.post("/api/models/head_pose/images",
+                    files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files])
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose([[o["x"], o["y"]] for o in r.json()["outputs"]], got[["x", "y"]].to_numpy(), atol=1e-3)
+    assert client.post("/api/models/head_pose/images", files=[("files", ("a.jpg", b"text", "image/jpeg"))]).status_code == 415
 
 
 def test_a_bad_pose_file_stops_the_prepare_stage_before_training(project, tmp_path):
