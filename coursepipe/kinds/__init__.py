@@ -5,6 +5,7 @@ recipe of that kind shares, and the typed config sections it reads.
     collab.py           Collab                  movielens (lessons 4-5)
     language_model.py   LanguageModel           human_numbers (lesson 7)
     image.py            ImageClassification     mnist, pets, own_images (lessons 1, 2, 6, 7)
+    points.py           PointRegression         head_pose (lesson 3)
 
 Heavy libraries (torch, GX) are imported inside methods: prepare and validate need neither.
 """

@@ -171,6 +171,27 @@ class ImageModel(Served):
                 zip(files, self.labelled(proba, self.state["classes"]))]
 
 
+class PointModel(ImageModel):
+    """A point regressor (lesson 3's head pose): uploads as for images; per image the point
+    (x, y) in pixels of that image as uploaded, and its width and height."""
+    kind = "points"
+
+    def form(self) -> dict:
+        return {"mode": self.state["mode"], "size": self.state["size"], "formats": list(IMAGE_FORMATS),
+                "max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels}
+
+    def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
+        if len(files) > self.limits.max_batch:
+            raise BadInput(413, f"{len(files)} files, more than the limit of {self.limits.max_batch} per call")
+        for name, data in files:
+            sniff_image(data, name, self.limits.max_pixels)
+        try:
+            xy, sizes = self.module.predict_points(self.sess, self.state, [d for _, d in files])
+        except OSError as e:  # a header that parses over a body that does not (truncated file)
+            raise BadInput(422, f"an image could not be decoded: {e}") from None
+        return [{"name": name, "x": float(p[0]), "y": float(p[1]), "width": int(s[0]), "height": int(s[1])}
+                for (name, _), p, s in zip(files, xy, sizes)]
+
 class TabularModel(Served):
     kind = "tabular"
 
@@ -254,7 +275,8 @@ class LanguageModel(Served):
 
 # the card's `kind` (coursepipe/kinds/*.py `name`) -> how it is served
 PAGES: dict[str, type[Served]] = {"image_classification": ImageModel, "tabular_classification": TabularModel,
-                                  "collab": CollabModel, "language_model": LanguageModel}
+                                  "collab": CollabModel, "language_model": LanguageModel,
+                                  "point_regression": PointModel}
 
 
 def discover(export_root: Path, limits) -> dict[str, Served]:
