@@ -288,3 +288,14 @@ def test_planet_stages_end_to_end_predict_and_page(project, ray_session, tmp_pat
     expected = [classes[i] for i in np.argsort(-probs[0], kind="stable") if probs[0][i] > 0.2]
     assert [t["label"] for t in result[0]["tags"]] == expected
     assert result[0]["label"] == (" ".join(expected) or "no tag above 0.2")
+
+    # the app: the page's form says what it shows; the upload route answers with the tags
+    from fastapi.testclient import TestClient
+
+    from coursepipe.serve.app import create_app
+
+    client = TestClient(create_app(project.root / "export", limits))
+    page = client.get("/models/planet")
+    assert page.status_code == 200 and "shown when their probability is above 0.2" in page.text
+    r = client.post("/api/models/planet/images", files=[("files", ("chip0.jpg", files[0].read_bytes(), "image/jpeg"))])
+    assert r.status_code == 200 and r.json()["outputs"][0]["tags"] == result[0]["tags"]

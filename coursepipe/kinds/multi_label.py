@@ -226,8 +226,12 @@ def gradcam_png(model, x, classes: list[str], notes: list[str]) -> bytes:
     return plot_gradcam(x.numpy(), cams, titles)
 
 
-def joined(classes: list[str], row: np.ndarray) -> str:
-    return " ".join(c for c, on in zip(classes, row) if on) or "-"
+def joined(classes: list[str], row: np.ndarray, width: int = 0) -> str:
+    """The tags that are on, space-joined ('-' for none); wrapped at `width` characters if given."""
+    import textwrap
+
+    text = " ".join(c for c, on in zip(classes, row) if on) or "-"
+    return textwrap.fill(text, width) if width else text
 
 
 # ----------------------------------------------------------------------------- the kind
@@ -334,7 +338,7 @@ class MultiLabelClassification(ImageClassification):
             sweep, threshold, float(best["threshold"]), f"{run.name}: validation F{beta:g} by threshold"))
         pred, actual = probs.numpy() > threshold, y.numpy() > 0.5
         idx = top_losses(losses.numpy(), run.config.top_losses)
-        titles = [f"{joined(classes, pred[i])}\n{joined(classes, actual[i])} / {losses[i]:.2f}\n"
+        titles = [f"{joined(classes, pred[i], 36)}\n{joined(classes, actual[i], 36)} / {losses[i]:.2f}\n"
                   f"{Path(valid['path'].iloc[i]).name}" for i in idx]
         write_bytes(run.plots / WORST_PNG, plot_top_losses(
             x[idx].numpy(), titles, suptitle="predicted tags / actual tags / mean BCE"))
