@@ -6,6 +6,7 @@ recipe of that kind shares, and the typed config sections it reads.
     language_model.py   LanguageModel           human_numbers (lesson 7)
     image.py            ImageClassification     mnist, pets, own_images (lessons 1, 2, 6, 7)
     points.py           PointRegression         head_pose (lesson 3)
+    multi_label.py      MultiLabelClassification  planet (lesson 3)
 
 Heavy libraries (torch, GX) are imported inside methods: prepare and validate need neither.
 """

@@ -25,8 +25,8 @@ import pandas as pd
 from coursepipe.config import ConfigError
 from coursepipe.contract import Recipe, Schema
 from coursepipe.data.archive import deterministic_tgz
-from coursepipe.data.csvfile import DataError, read_csv
 from coursepipe.kinds.image import TARGET, ImageClassification, ImagePrepare, PretrainedNet, manifest_table
+from coursepipe.vision.layouts import read_label_csv
 from coursepipe.vision.synthetic import COLOURS, SHAPES, encode, shape_image
 
 SYNTHETIC_ROOT = "shapes"             # the synthetic sample's <root>
@@ -36,7 +36,6 @@ SYNTHETIC_ROOT = "shapes"             # the synthetic sample's <root>
 COLUMNS = ("path", "label", "width", "height", "mode", "decodable", "decode_error", "sha256",
            "excluded", "duplicate", "class_images", "layout_split", "image")
 PATH_REGEX = r"^[^/.][^/]*(/[^/]+)+$"  # a relative path inside the archive, at least <dir>/<file>
-TRUTHY, FALSY = {"true", "1", "yes", "valid"}, {"false", "0", "no", "train", ""}
 
 
 @dataclass(frozen=True)
@@ -74,37 +73,10 @@ def train_valid(extracted: Path, files: list[Path], p: OwnImagesPrepare) -> pd.D
 
 
 def from_csv(extracted: Path, p: OwnImagesPrepare) -> pd.DataFrame:
-    csv_path = (extracted / p.csv_file).resolve()
-    if not csv_path.is_relative_to(extracted.resolve()) or not csv_path.is_file():
-        raise FileNotFoundError(f"layout csv: {p.csv_file} is not a file inside the archive")
-    table = read_csv(csv_path, p.csv_file, dtype=str, keep_default_na=False)
-    needed = [*p.csv_columns, *([p.csv_valid_column] if p.csv_valid_column else [])]
-    missing = [c for c in needed if c not in table.columns]
-    if missing:
-        raise DataError(f"{p.csv_file}: no column(s) {missing}; it has {list(table.columns)}")
-    file_col, label_col = p.csv_columns
-    base, root = csv_path.parent, extracted.resolve()
-    files = []
-    for i, (name, label) in enumerate(zip(table[file_col], table[label_col]), start=1):
-        f = (base / name).resolve()
-        if not f.is_relative_to(root):  # "../../etc/passwd" in a label file
-            raise DataError(f"{p.csv_file}: row {i}: {name!r} points outside the archive")
-        if not f.is_file():
-            raise DataError(f"{p.csv_file}: row {i}: {name!r} is not a file in the archive")
-        if not label.strip():
-            raise DataError(f"{p.csv_file}: row {i}: {name!r} has an empty {label_col!r}")
-        files.append((f, label.strip()))
-    df = manifest_table(files, root)
-    if p.csv_valid_column:
-        flags = table[p.csv_valid_column].str.strip().str.lower()
-        bad = ~flags.isin(TRUTHY | FALSY)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{p.csv_file}: column {p.csv_valid_column!r} row {i + 1}: "
-                            f"{table[p.csv_valid_column].iloc[i]!r} is not true/false")
-        df["layout_split"] = np.where(flags.isin(TRUTHY), "valid", "train")
-    else:
-        df["layout_split"] = ""
+    """fastai's from_csv: coursepipe/vision/layouts.py reads and checks the rows (shared with planet)."""
+    rows = read_label_csv(extracted, p.csv_file, p.csv_columns, p.csv_valid_column)
+    df = manifest_table(list(zip(rows.files, rows.labels)), extracted.resolve())
+    df["layout_split"] = rows.layout_split
     return df
 
 

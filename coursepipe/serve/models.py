@@ -157,16 +157,21 @@ class ImageModel(Served):
                                      self.limits.max_upload_bytes)))
         return self.predict_files(blobs)
 
-    def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
-        """[(display name, bytes)] -> one result per file, named as given."""
+    def checked(self, files: list[tuple[str, bytes]], predict):
+        """The upload checks every image page shares (batch size; format and pixel count read from
+        the header), then predict(session, state, blobs), a function of the export's own module."""
         if len(files) > self.limits.max_batch:
             raise BadInput(413, f"{len(files)} files, more than the limit of {self.limits.max_batch} per call")
         for name, data in files:
             sniff_image(data, name, self.limits.max_pixels)
         try:
-            proba = self.module.predict_proba(self.sess, self.state, [d for _, d in files])
+            return predict(self.sess, self.state, [d for _, d in files])
         except OSError as e:  # a header that parses over a body that does not (truncated file)
             raise BadInput(422, f"an image could not be decoded: {e}") from None
+
+    def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
+        """[(display name, bytes)] -> one result per file, named as given."""
+        proba = self.checked(files, self.module.predict_proba)
         return [{"name": name, **row} for (name, _), row in
                 zip(files, self.labelled(proba, self.state["classes"]))]
 
@@ -181,16 +186,32 @@ class PointModel(ImageModel):
                 "max_upload_bytes": self.limits.max_upload_bytes, "max_pixels": self.limits.max_pixels}
 
     def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
-        if len(files) > self.limits.max_batch:
-            raise BadInput(413, f"{len(files)} files, more than the limit of {self.limits.max_batch} per call")
-        for name, data in files:
-            sniff_image(data, name, self.limits.max_pixels)
-        try:
-            xy, sizes = self.module.predict_points(self.sess, self.state, [d for _, d in files])
-        except OSError as e:  # a header that parses over a body that does not (truncated file)
-            raise BadInput(422, f"an image could not be decoded: {e}") from None
+        xy, sizes = self.checked(files, self.module.predict_points)
         return [{"name": name, "x": float(p[0]), "y": float(p[1]), "width": int(s[0]), "height": int(s[1])}
                 for (name, _), p, s in zip(files, xy, sizes)]
+
+
+class TagsModel(ImageModel):
+    """A multi-label image model: every tag above the export's threshold, with its probability
+    (an ImageModel, so the upload route serves it too)."""
+    kind = "tags"
+
+    def form(self) -> dict:
+        return {**super().form(), "threshold": self.state["threshold"]}
+
+    def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
+        proba = self.checked(files, self.module.predict_proba)
+        classes, threshold = list(self.state["classes"]), float(self.state["threshold"])
+        out = []
+        for (name, _), p, found in zip(files, proba, self.module.tags_above(proba, classes, threshold)):
+            top = int(np.argmax(p))
+            out.append({"name": name, "threshold": threshold,
+                        "tags": [{"label": t, "probability": q} for t, q in found],
+                        "label": " ".join(t for t, _ in found) or f"no tag above {threshold:g}",
+                        "probability": float(p[top]),   # the most probable tag's, shown or not
+                        "top": self.labelled(p[None], classes)[0]["top"]})
+        return out
+
 
 class TabularModel(Served):
     kind = "tabular"
@@ -276,7 +297,8 @@ class LanguageModel(Served):
 # the card's `kind` (coursepipe/kinds/*.py `name`) -> how it is served
 PAGES: dict[str, type[Served]] = {"image_classification": ImageModel, "tabular_classification": TabularModel,
                                   "collab": CollabModel, "language_model": LanguageModel,
-                                  "point_regression": PointModel}
+                                  "point_regression": PointModel,
+                                  "multi_label": TagsModel}
 
 
 def discover(export_root: Path, limits) -> dict[str, Served]:

@@ -27,7 +27,8 @@ def top_losses(losses: np.ndarray, k: int) -> np.ndarray:
     return order[:k]
 
 
-def plot_top_losses(images: np.ndarray, titles: Sequence[str], cols: int = 3, dpi: int = 100) -> bytes:
+def plot_top_losses(images: np.ndarray, titles: Sequence[str], cols: int = 3, dpi: int = 100,
+                    suptitle: str = "prediction / actual / loss / probability of actual") -> bytes:
     """uint8 (N, C, H, W) images in a grid, each with its title (prediction/actual/loss/prob)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,7 +37,7 @@ def plot_top_losses(images: np.ndarray, titles: Sequence[str], cols: int = 3, dp
     rows = -(-n // cols)
     fig = Figure(figsize=(3.0 * cols, 3.2 * rows + 0.4), dpi=dpi)
     FigureCanvasAgg(fig)
-    fig.suptitle("prediction / actual / loss / probability of actual")
+    fig.suptitle(suptitle)
     for i in range(rows * cols):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.axis("off")
