@@ -61,7 +61,7 @@ class PointNet(PretrainedNet):
 
 def problems(df: pd.DataFrame) -> pd.Series:
     """Per row: '' or why it cannot be used, naming the file: undecodable, or its point outside
-    (or not) the frame."""
+    the frame (or missing)."""
     x, y = df["x"].astype(float), df["y"].astype(float)
     inside = x.between(0, df["width"]) & y.between(0, df["height"])
     outside = (df["path"] + ": point (" + x.round(1).astype(str) + ", " + y.round(1).astype(str)
