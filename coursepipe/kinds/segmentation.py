@@ -206,7 +206,7 @@ class Segmentation(Kind):
         codes = codes_of(train)
         void = int(train["void"].iloc[0])
         mean, std = normalisation(m.normalize, np.zeros((1, 3, 1, 1), np.uint8))
-        return {"classes": codes, "void": void, "size": list(m.size), "resize": m.resize,
+        return {"classes": codes, "void": void, "mode": "RGB", "size": list(m.size), "resize": m.resize,
                 "normalize": m.normalize, "mean": mean, "std": std, "target": TARGET,
                 "palette": palette(len(codes), void)}
 

@@ -171,6 +171,38 @@ class ImageModel(Served):
                 zip(files, self.labelled(proba, self.state["classes"]))]
 
 
+class SegmentationModel(ImageModel):
+    """An image in, a colour mask out (the folder's palette) and each class's share of the frame.
+    An ImageModel, so the upload route (`/images`) and its checks serve it as they serve classifiers."""
+    kind = "segmentation"
+
+    def form(self) -> dict:
+        classes, palette = self.state["classes"], self.state["palette"]
+        return {**super().form(), "legend": [{"label": c, "colour": "#%02x%02x%02x" % tuple(p)}
+                                             for c, p in zip(classes, palette)]}
+
+    def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
+        """[(display name, bytes)] -> per file: its mask as base64 PNG (the image's own size) and
+        the top_k classes by share of its pixels."""
+        if len(files) > self.limits.max_batch:
+            raise BadInput(413, f"{len(files)} files, more than the limit of {self.limits.max_batch} per call")
+        for name, data in files:
+            sniff_image(data, name, self.limits.max_pixels)
+        try:
+            masks = self.module.predict_masks(self.sess, self.state, [d for _, d in files])
+        except OSError as e:  # a header that parses over a body that does not (truncated file)
+            raise BadInput(422, f"an image could not be decoded: {e}") from None
+        classes = self.state["classes"]
+        out = []
+        for (name, _), mask in zip(files, masks):
+            shares = self.module.shares(mask, len(classes))
+            order = np.argsort(-shares, kind="stable")[: self.limits.top_k]
+            out.append({"name": name, "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+                        "mask_png_base64": base64.b64encode(self.module.mask_png(mask, self.state)).decode(),
+                        "top": [{"label": classes[i], "share": float(shares[i])} for i in order]})
+        return out
+
+
 class TabularModel(Served):
     kind = "tabular"
 
@@ -254,7 +286,8 @@ class LanguageModel(Served):
 
 # the card's `kind` (coursepipe/kinds/*.py `name`) -> how it is served
 PAGES: dict[str, type[Served]] = {"image_classification": ImageModel, "tabular_classification": TabularModel,
-                                  "collab": CollabModel, "language_model": LanguageModel}
+                                  "collab": CollabModel, "language_model": LanguageModel,
+                                  "segmentation": SegmentationModel}
 
 
 def discover(export_root: Path, limits) -> dict[str, Served]:
