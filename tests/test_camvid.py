@@ -271,6 +271,7 @@ def test_the_served_page_segments_an_upload_into_a_colour_mask(project, tmp_path
     from fastapi.testclient import TestClient
 
     from coursepipe.serve.app import create_app
+    from coursepipe.serve.models import load_script
     from coursepipe.stages import export, prepare, train
 
     write_params(project.root, tiny_params(rows=12))
@@ -283,6 +284,12 @@ def test_the_served_page_segments_an_upload_into_a_colour_mask(project, tmp_path
     model = CAMVID.kind.build_model(CAMVID, processor, cfg.model)
     train.save_bundle(project, cfg, model.state_dict(), processor, [{"epoch": 0}], {"run_name": "serve-test"})
     export.run(cfg, CAMVID, project)
+
+    port = load_script(project.export("camvid"))  # the export's own predict.py, as a library
+    framed = port.predict_frame(project.export("camvid"), frame.head(2)[["path", "image"]])
+    assert list(framed.columns[:2]) == ["path", "mask"] and len(framed) == 2
+    assert Image.open(io.BytesIO(framed["mask"].iloc[0])).size == (64, 48)
+    assert np.allclose(framed.filter(like="share_").sum(axis=1), 1.0)
 
     client = TestClient(create_app(project.root / "export", config.load_serve(project.params)))
     page = client.get("/models/camvid")

@@ -97,13 +97,29 @@ def image_bytes(df: pd.DataFrame) -> list[bytes]:
 
 # ----------------------------------------------------------------------------- colours
 
-def palette(n: int, void: int) -> list[list[int]]:
-    """n distinct RGB colours (hues spread by the golden ratio, two brightness levels); void black."""
+# CamVid's own label colours (its label_colors.txt; SegNet's Pavement is its 12-class colour), so
+# masks look as CamVid viewers show them; other names get spread hues
+CAMVID_COLOURS = {
+    "Animal": (64, 128, 64), "Archway": (192, 0, 128), "Bicyclist": (0, 128, 192), "Bridge": (0, 128, 64),
+    "Building": (128, 0, 0), "Car": (64, 0, 128), "CartLuggagePram": (64, 0, 192), "Child": (192, 128, 64),
+    "Column_Pole": (192, 192, 128), "Pole": (192, 192, 128), "Fence": (64, 64, 128),
+    "LaneMkgsDriv": (128, 0, 192), "LaneMkgsNonDriv": (192, 0, 64), "Misc_Text": (128, 128, 64),
+    "MotorcycleScooter": (192, 0, 192), "OtherMoving": (128, 64, 64), "ParkingBlock": (64, 192, 128),
+    "Pedestrian": (64, 64, 0), "Road": (128, 64, 128), "RoadShoulder": (128, 128, 192),
+    "Sidewalk": (0, 0, 192), "Pavement": (60, 40, 222), "SignSymbol": (192, 128, 128), "Sky": (128, 128, 128),
+    "SUVPickupTruck": (64, 128, 192), "TrafficCone": (0, 0, 64), "TrafficLight": (0, 64, 64),
+    "Train": (192, 64, 128), "Tree": (128, 128, 0), "Truck_Bus": (192, 128, 192), "Tunnel": (64, 0, 64),
+    "VegetationMisc": (192, 192, 0), "Wall": (64, 192, 0)}
+
+
+def palette(classes: list[str], void: int) -> list[list[int]]:
+    """An RGB colour per class: CamVid's for its class names, else hues spread by the golden
+    ratio (two brightness levels); the void class black."""
     out = []
-    for i in range(n):
+    for i, name in enumerate(classes):
         r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95 if i % 2 == 0 else 0.65)
-        out.append([int(r * 255), int(g * 255), int(b * 255)])
-    if 0 <= void < n:
+        out.append(list(CAMVID_COLOURS.get(name, (int(r * 255), int(g * 255), int(b * 255)))))
+    if 0 <= void < len(classes):
         out[void] = [0, 0, 0]
     return out
 
@@ -193,6 +209,21 @@ def mask_png(mask: np.ndarray, state: dict) -> bytes:
 def shares(mask: np.ndarray, n: int) -> np.ndarray:
     counts = np.bincount(mask.ravel(), minlength=n)[:n]
     return counts / max(counts.sum(), 1)
+
+
+def predict_frame(export_dir: str | Path, df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with each row's predicted mask (colour PNG bytes, the image's own size) and the share
+    of its pixels in each class appended."""
+    sess, state = load(export_dir)
+    blobs = image_bytes(df)
+    masks = predict_masks(sess, state, blobs)
+    out = df.drop(columns=["image"], errors="ignore").reset_index(drop=True)
+    out["mask"] = [mask_png(m, state) for m in masks]
+    n = len(state["classes"])
+    table = np.array([shares(m, n) for m in masks]).reshape(len(masks), n)
+    for i, c in enumerate(state["classes"]):
+        out[f"share_{c}"] = table[:, i]
+    return out
 
 
 def predict_files(export_dir: str | Path, files: list[Path], out_dir: Path) -> pd.DataFrame:
