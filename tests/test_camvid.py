@@ -308,3 +308,30 @@ def test_the_served_page_segments_an_upload_into_a_colour_mask(project, tmp_path
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
     bad = client.post("/api/models/camvid/images", files=[("files", ("notes.png", b"hello", "image/png"))])
     assert bad.status_code == 415 and "notes.png" in bad.json()["detail"]
+
+
+def test_ray_data_streams_decoded_pairs_to_the_workers(project, ray_session, tmp_path):
+    """train.data_path: ray_data: the driver holds no image or mask bytes; Ray Data's tasks decode
+    the pairs as the memory path would, and the train stage runs on them."""
+    from coursepipe.distributed.ray_train import decode_rows
+    from coursepipe.stages import prepare, train, validate
+    from coursepipe.validation.suites import init_suite
+
+    raw = tiny_params(rows=20)
+    raw["recipes"]["camvid"]["train"].update({"data_path": "ray_data", "freeze_epochs": 0, "epochs": 1})
+    raw["recipes"]["camvid"]["model"].update({"weights": "none"})
+    write_params(project.root, raw)
+    cfg = load_cfg(project, "camvid")
+    init_suite(cfg, CAMVID, project)
+    fetch(cfg, project)
+    prepare.run(cfg, CAMVID, project)
+    validate.run(cfg, CAMVID, project)
+    frame, stream = train.load_frame(cfg, CAMVID, project)
+    full = prepare.load(project, "camvid")
+    assert not {"image", "mask"} & set(frame.columns) and len(frame) == len(full)
+    assert stream.processor == CAMVID.kind.fit_processor(CAMVID, full[~full["is_valid"]], cfg.model)
+    out = decode_rows(CAMVID, stream.processor, cfg.model, full.head(5))
+    x, y = CAMVID.kind.tensors(CAMVID, stream.processor, full.head(5))
+    assert np.array_equal(out["t0"], x.numpy()) and np.array_equal(out["t1"], y.numpy())
+    result = train.run(cfg, CAMVID, project, storage=str(tmp_path / ".runs"), verbose=False)
+    assert [h["epoch"] for h in result.history] == [0] and 0 <= result.history[0]["acc_camvid"] <= 1

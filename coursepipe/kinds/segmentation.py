@@ -247,6 +247,9 @@ class Segmentation(Kind):
             cbs.append(AugmentPairs(m.augment, t.seed))
         return cbs
 
+    def heavy_columns(self, m) -> tuple[str, ...]:
+        return ("image", "mask")           # encoded bytes: decoded in Ray Data's tasks (data_path: ray_data)
+
     def usable(self, df):
         return usable(df)
 
