@@ -103,8 +103,9 @@ def void_index(codes: list[str], void_codes: tuple[str, ...]) -> int:
 
 def check_pairs(df: pd.DataFrame, n_codes: int) -> pd.DataFrame:
     """problem, size, mode and class shares of every pair."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from coursepipe.vision.masks import pair_problem, pixel_shares
 
