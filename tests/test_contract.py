@@ -21,8 +21,8 @@ from coursepipe.kinds.tabular import TabularClassification, TabularModel
 
 
 def test_every_recipe_is_a_typed_recipe_over_a_kind():
-    assert set(recipes.names()) == {"adult", "head_pose", "human_numbers", "mnist", "movielens", "own_images", "pets",
-                                    "planet"}
+    assert set(recipes.names()) == {"adult", "camvid", "head_pose", "human_numbers", "mnist", "movielens",
+                                    "own_images", "pets", "planet"}
     params = recipes.load_params(REPO / "params.yaml")
     for name in recipes.names():
         recipe = recipes.get(name)

@@ -213,6 +213,31 @@ class TagsModel(ImageModel):
         return out
 
 
+class SegmentationModel(ImageModel):
+    """An image in, a colour mask out (the folder's palette) and each class's share of the frame.
+    An ImageModel, so the upload route (`/images`) and its checks serve it as they serve classifiers."""
+    kind = "segmentation"
+
+    def form(self) -> dict:
+        classes, palette = self.state["classes"], self.state["palette"]
+        return {**super().form(), "legend": [{"label": c, "colour": "#%02x%02x%02x" % tuple(p)}
+                                             for c, p in zip(classes, palette)]}
+
+    def predict_files(self, files: list[tuple[str, bytes]]) -> list[dict]:
+        """[(display name, bytes)] -> per file: its mask as base64 PNG (the image's own size) and
+        the top_k classes by share of its pixels."""
+        masks = self.checked(files, self.module.predict_masks)
+        classes = self.state["classes"]
+        out = []
+        for (name, _), mask in zip(files, masks):
+            shares = self.module.shares(mask, len(classes))
+            order = np.argsort(-shares, kind="stable")[: self.limits.top_k]
+            out.append({"name": name, "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+                        "mask_png_base64": base64.b64encode(self.module.mask_png(mask, self.state)).decode(),
+                        "top": [{"label": classes[i], "share": float(shares[i])} for i in order]})
+        return out
+
+
 class TabularModel(Served):
     kind = "tabular"
 
@@ -298,7 +323,8 @@ class LanguageModel(Served):
 PAGES: dict[str, type[Served]] = {"image_classification": ImageModel, "tabular_classification": TabularModel,
                                   "collab": CollabModel, "language_model": LanguageModel,
                                   "point_regression": PointModel,
-                                  "multi_label": TagsModel}
+                                  "multi_label": TagsModel,
+                                  "segmentation": SegmentationModel}
 
 
 def discover(export_root: Path, limits) -> dict[str, Served]:
