@@ -102,4 +102,6 @@ def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, 
         [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in b]
     n_valid = 12                                                 # 20 % of 60 rows
     assert a[-1]["accuracy"] * n_valid == pytest.approx(round(a[-1]["accuracy"] * n_valid))  # each row once
-    assert a[-1]["accuracy"] > 0.25                              # 4 shapes: chance is 0.25
+    # it trains on what it streams (6 steps on 48 images: the loss, not yet the accuracy, moves;
+    # that each row's tensors are the kind's own for that row is the first test's check)
+    assert a[-1]["train_loss"] < a[0]["train_loss"]
