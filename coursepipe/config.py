@@ -426,6 +426,14 @@ class RecipeConfig(Section):
     evaluate: Evaluate
     export: Export
     schedule: Schedule
+    # what train starts from, as a path DVC can depend on: `prepared/<name>` (its own data only)
+    # or `models/<other recipe>` (that recipe's trained model: ULMFiT's LM fine-tune, classifier)
+    starts_from: str
+
+    @property
+    def upstream(self) -> str | None:
+        """The recipe whose trained model this one starts from, or None."""
+        return self.starts_from.split("/", 1)[1] if self.starts_from.startswith("models/") else None
 
     @property
     def source_file(self) -> str:
@@ -501,13 +509,19 @@ def parse_recipe(name: str, raw: Any, types_of: Mapping[str, type], defaults: di
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
     if "name" in raw:  # filled in from the section's key below; a second spelling would be ignored
         raise ConfigError(f"{where}.name: unknown key; a recipe's name is its key under `recipes:`")
-    allowed = {"source", "sources", "model", *SECTIONS}
+    allowed = {"source", "sources", "model", "starts_from", *SECTIONS}
     unknown = sorted(map(str, set(raw) - allowed))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key; expected one of {sorted(allowed)}")
-    for key in ("source", "sources", "model"):
+    for key in ("source", "sources", "model", "starts_from"):
         if key not in raw:
             raise ConfigError(f"{where}: missing required key '{key}'")
+    own = f"prepared/{name}"
+    starts = raw["starts_from"]
+    if not isinstance(starts, str) or not (starts == own or (
+            starts.startswith("models/") and starts.count("/") == 1 and starts != f"models/{name}")):
+        raise ConfigError(f"{where}.starts_from: expected {own!r} (its own data) or "
+                          f"'models/<another recipe>' (that recipe's trained model), got {starts!r}")
     if not isinstance(raw["source"], str):
         raise ConfigError(f"{where}.source: expected str, got {raw['source']!r}")
     sources = _coerce(raw["sources"], dict[str, Source], f"{where}.sources", True)
@@ -519,9 +533,11 @@ def parse_recipe(name: str, raw: Any, types_of: Mapping[str, type], defaults: di
         tp = types_of.get(section, base)
         sections[section] = build(tp, values, f"{where}.{section}", origin)
     model = _coerce(raw["model"], types_of["model"], f"{where}.model", True)
-    cfg = RecipeConfig(name=name, source=raw["source"], sources=sources, model=model, **sections)
+    cfg = RecipeConfig(name=name, source=raw["source"], sources=sources, model=model,
+                       starts_from=starts, **sections)
     # every field but `name` is a param; the nested sections record their own reads
-    object.__setattr__(cfg, "_keys", {k: f"{where}.{k}" for k in ("source", "sources", "model", *SECTIONS)})
+    object.__setattr__(cfg, "_keys", {k: f"{where}.{k}" for k in
+                                      ("source", "sources", "model", "starts_from", *SECTIONS)})
     return cfg
 
 
@@ -541,6 +557,10 @@ def parse(raw: Any, recipes: Mapping[str, RecipeTypes]) -> Params:
             if src.generate and src.generate not in recipes:
                 raise ConfigError(f"recipes.{name}.sources.{src_name}.generate: {src.generate!r} "
                                   f"names no recipe")
+    for name, cfg in parsed.items():
+        if cfg.upstream is not None and cfg.upstream not in parsed:
+            raise ConfigError(f"recipes.{name}.starts_from: {cfg.starts_from!r} names no recipe "
+                              f"of this file ({sorted(parsed)})")
     params = build(Params, {**raw, "recipes": {}, "defaults": {}}, "")
     params = dataclasses.replace(params, recipes=parsed, defaults=defaults)
     object.__setattr__(params, "_keys", {"ray_storage": "ray_storage", "fetch_timeout_s": "fetch_timeout_s",

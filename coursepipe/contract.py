@@ -71,6 +71,9 @@ class Kind(abc.ABC):
     prepare_config: ClassVar[type] = Prepare    # the kind's prepare / validate / evaluate sections
     validate_config: ClassVar[type] = Validate
     evaluate_config: ClassVar[type] = Evaluate
+    # ONNX exporters tried in order (coursepipe/stages/export.py): torch.export's, then the legacy
+    # TorchScript one; a kind whose graph the first gets wrong names only the one that works
+    exporters: ClassVar[tuple[str, ...]] = ("dynamo", "torchscript")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -117,6 +120,18 @@ class Kind(abc.ABC):
     @abc.abstractmethod
     def build_model(self, recipe: "Recipe", processor: dict, m):
         """The untrained torch model for model section m."""
+
+    def plan(self, m, t: Train) -> list:
+        """The training phases (learn/fine_tune.Phase): fastai's fit_one_cycle, or fine_tune
+        when `train.freeze_epochs` > 0 (ULMFiT's classifier unfreezes gradually)."""
+        from coursepipe.learn.fine_tune import phases
+        return phases(t)
+
+    def start_from(self, recipe: "Recipe", m, model, processor: dict, upstream: dict) -> None:
+        """Load another recipe's trained model into `model` before training (params
+        `recipes.<r>.starts_from: models/<other>`; ULMFiT's LM fine-tune and classifier).
+        `upstream` is that recipe's bundle: its processor, state_dict and model_config."""
+        raise ContractError(f"kind {self.name} cannot start from another recipe's model")
 
     def splitter(self, m, model) -> list[list]:
         """Param groups for freeze_to and discriminative learning rates (default: one group)."""

@@ -21,8 +21,8 @@ from coursepipe.kinds.tabular import TabularClassification, TabularModel
 
 
 def test_every_recipe_is_a_typed_recipe_over_a_kind():
-    assert set(recipes.names()) == {"adult", "camvid", "head_pose", "human_numbers", "mnist", "movielens",
-                                    "own_images", "pets", "planet"}
+    assert set(recipes.names()) == {"adult", "camvid", "head_pose", "human_numbers", "imdb", "imdb_lm",
+                                    "imdb_pretrain", "mnist", "movielens", "own_images", "pets", "planet"}
     params = recipes.load_params(REPO / "params.yaml")
     for name in recipes.names():
         recipe = recipes.get(name)
@@ -160,7 +160,7 @@ def test_every_stage_declares_the_recipes_sections_it_is_named_for():
     """dvc.yaml's params follow one rule: each stage depends on its own sections (+ defaults)."""
     expected = {"prepare": {"recipes.r.source", "recipes.r.sources", "defaults.prepare", "recipes.r.prepare"},
                 "validate": {"defaults.validate", "recipes.r.validate"},
-                "train": {"recipes.r.model", "defaults.train", "recipes.r.train"},
+                "train": {"recipes.r.model", "recipes.r.starts_from", "defaults.train", "recipes.r.train"},
                 "evaluate": {"defaults.evaluate", "recipes.r.evaluate"},
                 "export": {"defaults.export", "recipes.r.export"}}
     for stage, params in expected.items():

@@ -259,6 +259,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
                           report=ray_report(rank), show=rank == 0 and config.get("verbose", True))
     if config.get("processor") is not None:  # the streaming path: rows come from Ray Data shards
         hooks.processor, hooks.batches = config["processor"], shard_batches(t)
+    if config.get("upstream"):  # a path, not the weights: the config is pickled once per worker
+        hooks.upstream = torch.load(config["upstream"], map_location="cpu", weights_only=True)
     try:
         out = program.train(recipe, m, t, config["frame"], hooks)
     except Exception as e:
@@ -321,10 +323,11 @@ def init_ray() -> None:
 
 
 def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
-        verbose: bool = True, stream: Stream | None = None) -> FitResult:
+        verbose: bool = True, stream: Stream | None = None, upstream: str | None = None) -> FitResult:
     """Train `recipe`'s model section m with train section t on the prepared `frame` (with an
     is_valid column) through Ray Train; with `stream`, the frame lacks the heavy columns and the
-    workers read their rows from Ray Data."""
+    workers read their rows from Ray Data. `upstream`: the model file the model starts from
+    (Kind.start_from), on a path every worker's node sees, as the prepared table's."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -341,7 +344,8 @@ def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"recipe": recipe, "model": m, "train": t, "frame": frame, "verbose": verbose,
-                           "processor": stream.processor if stream is not None else None},
+                           "processor": stream.processor if stream is not None else None,
+                           "upstream": upstream},
         **data,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -6,7 +6,9 @@ from `coursepipe`. The tokenizer rules and numericalisation below are the ones t
 (coursepipe/text imports them from here), so export and training cannot drift apart.
 
 The exported graph maps token ids (B, T) to logits (B, T, V) (or (B, V) for the lesson's
-"last step only" models), always from a zero recurrent state.
+"last step only" models), always from a zero recurrent state. A text classifier's export (state
+`task: classify`, ULMFiT) maps right-padded ids (B, T) to class logits (B, C): `predict.py TEXT...`
+or `predict.py FILE.csv` (its `text` column) prints each text's label and probability.
 """
 from __future__ import annotations
 
@@ -109,9 +111,18 @@ def numericalize(tokens, itos) -> np.ndarray:
     return np.fromiter((index.get(t, unk) for t in tokens), dtype=np.int64, count=len(tokens))
 
 
+def text_tokens(state: dict, texts) -> list[str]:
+    """A table's text column as training reads it: one document joined by `sep` (human_numbers),
+    or with `bos_each` every text tokenised on its own, each starting with xxbos (fastai's LM
+    corpus of reviews)."""
+    if state.get("bos_each"):
+        return [t for text in texts for t in tokenize(str(text))]
+    return tokenize(document(texts, state["sep"]))
+
+
 def stream(state: dict, texts) -> np.ndarray:
-    """The id stream of a table's text column: one document, as in training."""
-    return numericalize(tokenize(document(texts, state["sep"])), state["itos"])
+    """The id stream of a table's text column, as in training."""
+    return numericalize(text_tokens(state, texts), state["itos"])
 
 
 def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +166,31 @@ def run_ids(sess, x: np.ndarray) -> np.ndarray:
     return logits
 
 
+def padded(state: dict, texts) -> np.ndarray:
+    """A classifier's input: each text's ids (xxbos first), right-padded with xxpad."""
+    seqs = [numericalize(tokenize(str(t)), state["itos"]) for t in texts]
+    out = np.full((len(seqs), max(len(s) for s in seqs)), state["itos"].index(PAD), np.int64)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return out
+
+
+def classify(sess, state: dict, texts, bs: int = 16) -> np.ndarray:
+    """Class probabilities (N, C), texts of similar lengths batched together."""
+    texts = [str(t) for t in texts]
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    probs = np.zeros((len(texts), len(state["classes"])))
+    for i in range(0, len(texts), bs):
+        idx = order[i:i + bs]
+        probs[idx] = softmax(run_ids(sess, padded(state, [texts[j] for j in idx])))
+    return probs
+
+
 def outputs(sess, state: dict, df: pd.DataFrame) -> np.ndarray:
-    """What parity compares: next-token probabilities for the windows of the rows' stream."""
+    """What parity compares: next-token probabilities for the windows of the rows' stream, or a
+    classifier's class probabilities for each row."""
+    if state.get("task") == "classify":
+        return softmax(run_ids(sess, padded(state, df[state["text_column"]])))
     x, _ = windows(stream(state, df[state["text_column"]]), state["seq_len"])
     return softmax(run_ids(sess, x))
 
@@ -199,11 +233,18 @@ def predict_next(sess, state: dict, prompt: str, n: int = 1) -> tuple[list[str],
 
 
 def predict_frame(export_dir: str | Path, df: pd.DataFrame, n: int = 1) -> pd.DataFrame:
-    """`df` (a `text` column of prompts) with the predicted next tokens and the first's probability."""
+    """`df` (a `text` column of prompts) with the predicted next tokens and the first's
+    probability; a classifier's: each text's label and its probability."""
     sess, state = load(export_dir)
     col = state["text_column"]
     if col not in df.columns:
         raise KeyError(f"input has no {col!r} column; columns: {list(df.columns)}")
+    if state.get("task") == "classify":
+        probs = classify(sess, state, df[col])
+        out = df.copy()
+        out["prediction"] = [state["classes"][i] for i in probs.argmax(1)]
+        out["probability"] = probs.max(1)
+        return out
     preds = [predict_next(sess, state, str(t), n) for t in df[col]]
     out = df.copy()
     out["prediction"] = [" ".join(w) for w, _ in preds]
@@ -238,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(out, sys.stdout)
         else:
             sess, state = load(here)
+            if state.get("task") == "classify":  # each argument is one text
+                for text, p in zip(argv, classify(sess, state, argv)):
+                    print(f"{state['classes'][int(p.argmax())]}\t{p.max():.3f}\t{text[:60]}")
+                return 0
             words, probs = predict_next(sess, state, " ".join(argv), n)
             print(" ".join(words), f"(p={probs[0]:.3f})")
     except (KeyError, FileNotFoundError) as e:

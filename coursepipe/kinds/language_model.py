@@ -3,7 +3,11 @@
 The prepared table has one text per row (schema.target is the text column); the training rows,
 tokenised with fastai's rules and joined with `sep`, make one stream, cut into bs contiguous rows
 that a stateful RNN reads bptt tokens at a time (fastai's LMDataLoader). Models: the lesson's RNN
-ladder up to a 2-layer GRU (coursepipe/models/rnn.py).
+ladder up to a 2-layer GRU (coursepipe/models/rnn.py), and ULMFiT's AWD-LSTM
+(coursepipe/models/awd_lstm.py) over a corpus of texts that each start with xxbos (IMDB reviews).
+An AWD-LSTM recipe may start from another recipe's trained language model (`starts_from`, the
+pretrain -> fine-tune step of ULMFiT): its weights are loaded with the embedding rows matched to
+this recipe's vocabulary by word (fastai's match_embeds).
 """
 from __future__ import annotations
 
@@ -38,18 +42,63 @@ class LMModel(Section):
             raise ConfigError(f"seq_len must be 3 for arch rnn3 (three tokens in), got {self.seq_len}")
 
 
+@dataclass(frozen=True)
+class AWDLSTMModel(Section):
+    """ULMFiT's language model (fastai's awd_lstm_lm_config; the course: 400 / 1152 / 3 layers)."""
+    arch: str                  # awd_lstm
+    emb_sz: int                # embedding size (also the last LSTM layer's, for tied weights)
+    n_hid: int                 # hidden size of the inner LSTM layers
+    n_layers: int
+    drop_mult: float           # scales every dropout below (ULMFiT: 0.3 for the LM)
+    embed_p: float             # whole words dropped from the embedding
+    weight_p: float            # hidden-to-hidden weights dropped (DropConnect)
+    input_p: float             # variational dropout on the embedded input
+    hidden_p: float            # ... between LSTM layers
+    output_p: float            # ... before the decoder
+    seq_len: int               # bptt
+    min_freq: int              # vocabulary: rarer words become xxunk
+    max_vocab: int
+
+    def __post_init__(self):
+        if self.arch != "awd_lstm":
+            raise ConfigError(f"arch: {self.arch!r}: this section is the AWD-LSTM's (awd_lstm)")
+        positive(self, "emb_sz", "n_hid", "n_layers", "seq_len", "min_freq", "max_vocab")
+        for name in ("drop_mult", "embed_p", "weight_p", "input_p", "hidden_p", "output_p"):
+            p = getattr(self, name)
+            if not 0 <= p < (10 if name == "drop_mult" else 1):
+                raise ConfigError(f"{name}: {p} is not a dropout probability")
+
+    def ps(self) -> dict:
+        """The dropouts as the model takes them, each scaled by drop_mult."""
+        return {k: getattr(self, k) * self.drop_mult
+                for k in ("embed_p", "weight_p", "input_p", "hidden_p", "output_p")}
+
+
+def awd_encoder(vocab: int, pad_id: int, m) -> "object":
+    """The AWD-LSTM encoder of a model section (an LM's, or the classifier's encoder fields)."""
+    from coursepipe.models.awd_lstm import AWDLSTM
+    p = m.ps()
+    return AWDLSTM(vocab, m.emb_sz, m.n_hid, m.n_layers, pad_id, p["embed_p"], p["weight_p"],
+                   p["input_p"], p["hidden_p"])
+
+
 class LanguageModel(Kind):
     name = "language_model"
     portable = "coursepipe.export.portable_lm"
-    model_configs = (LMModel,)
+    model_configs = (LMModel, AWDLSTMModel)
 
-    def fit_processor(self, recipe, train, m: LMModel) -> dict:
+    def fit_processor(self, recipe, train, m) -> dict:
         """The vocabulary of the training document, and what the export needs to rebuild windows."""
         from coursepipe.models.rnn import LAST_STEP
-        from coursepipe.text.tokenizer import document, make_vocab, tokenize
+        from coursepipe.text.tokenizer import make_vocab, text_tokens
 
         text = recipe.schema.target
-        itos = make_vocab(tokenize(document(train[text], m.sep)), m.min_freq, m.max_vocab)
+        if isinstance(m, AWDLSTMModel):  # a corpus of texts, each its own xxbos document
+            state = {"bos_each": True, "sep": ""}
+            itos = make_vocab(text_tokens(state, train[text]), m.min_freq, m.max_vocab)
+            return {**state, "itos": itos, "text_column": text, "seq_len": m.seq_len,
+                    "arch": m.arch, "last_step": False}
+        itos = make_vocab(text_tokens({"sep": m.sep}, train[text]), m.min_freq, m.max_vocab)
         return {"itos": itos, "sep": m.sep, "text_column": text,
                 "seq_len": 3 if m.arch == "rnn3" else m.seq_len,
                 "arch": m.arch, "last_step": m.arch in LAST_STEP}
@@ -72,13 +121,38 @@ class LanguageModel(Kind):
         ids = torch.from_numpy(stream(processor, df[processor["text_column"]]))
         # jitter only where the model reads any length (not the fixed-window rnn3 / rnn_loop)
         jitter = Jitter(m.p_half, m.jitter_std, m.min_len) \
-            if train and m.bptt_jitter and not processor["last_step"] else None
+            if train and getattr(m, "bptt_jitter", False) and not processor["last_step"] else None
         return LMBatches(ids, bs, processor["seq_len"], rank, world, seed,
                          jitter=jitter, full_only=processor["last_step"])
 
-    def build_model(self, recipe, processor: dict, m: LMModel):
+    def build_model(self, recipe, processor: dict, m):
+        if isinstance(m, AWDLSTMModel):
+            from coursepipe.models.awd_lstm import AWDLanguageModel
+            from coursepipe.text.tokenizer import PAD
+            itos = processor["itos"]
+            return AWDLanguageModel(awd_encoder(len(itos), itos.index(PAD), m), m.ps()["output_p"])
         from coursepipe.models.rnn import build
         return build(m.arch, len(processor["itos"]), m.nh, m.n_layers)
+
+    def splitter(self, m, model) -> list[list]:
+        """AWD-LSTM: one group per LSTM layer, then embedding + decoder (fastai's LM split)."""
+        if isinstance(m, AWDLSTMModel):
+            from coursepipe.models.awd_lstm import lm_groups
+            return lm_groups(model)
+        return [list(model.parameters())]
+
+    def start_from(self, recipe, m, model, processor: dict, upstream: dict) -> None:
+        """ULMFiT's fine-tune step: another AWD-LSTM language model's weights, its embedding
+        (and the tied decoder) matched to this vocabulary by word, the decoder bias likewise."""
+        from coursepipe.models.awd_lstm import match_embeds
+        if not isinstance(m, AWDLSTMModel) or upstream["processor"].get("arch") != "awd_lstm":
+            raise ValueError("starts_from: only an AWD-LSTM language model can start from another "
+                             "recipe's model, and only from an AWD-LSTM language model")
+        state, old, new = dict(upstream["state_dict"]), upstream["processor"]["itos"], processor["itos"]
+        for key in ("encoder.encoder.weight", "head.decoder.weight"):
+            state[key] = match_embeds(state[key], old, new)
+        state["head.decoder.bias"] = match_embeds(state["head.decoder.bias"][:, None], old, new)[:, 0]
+        model.load_state_dict(state)
 
     def loss_func(self, m):
         from coursepipe.models.rnn import lm_loss
@@ -92,7 +166,7 @@ class LanguageModel(Kind):
         """Stateful models: carry the state across batches, forgotten at each epoch and validation."""
         from coursepipe.models.rnn import STATEFUL
         from coursepipe.text.callbacks import ResetState
-        return [ResetState()] if m.arch in STATEFUL else []
+        return [ResetState()] if m.arch in STATEFUL or m.arch == "awd_lstm" else []
 
     def evaluate(self, run: Evaluation) -> tuple[dict, Path]:
         """Next-token accuracy, loss, perplexity (stateful streams of evaluate.bs rows, as the

@@ -19,6 +19,7 @@ class Phase:
     lr: tuple[float, float]   # (lo, hi): the first param group gets lo, the last hi, geometric between
     pct_start: float
     frozen: bool              # all groups but the last frozen (BatchNorm stays trainable)
+    freeze_to: int | None = None  # instead: freeze all groups before this one (-2: train the last two)
 
 
 def phases(t) -> list[Phase]:

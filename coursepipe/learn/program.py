@@ -56,6 +56,8 @@ class Hooks:
     # columns), and batches from the door's data shards, with Kind.batches' signature
     processor: dict | None = None
     batches: Callable | None = None
+    # another recipe's model bundle to start from (`starts_from`; Kind.start_from loads it)
+    upstream: dict | None = None
 
 
 @dataclass
@@ -136,6 +138,8 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
     processor = hooks.processor if hooks.processor is not None else kind.fit_processor(recipe, train_df, m)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = kind.build_model(recipe, processor, m)
+    if hooks.upstream is not None:  # a resumed run's checkpoint replaces these weights after
+        kind.start_from(recipe, m, model, processor, hooks.upstream)
     if t.channels_last:
         model = model.to(memory_format=fmt)  # 4-D weights only; others are left as they are
     batches = hooks.batches or kind.batches
@@ -160,7 +164,8 @@ def enter_phase(parts: Parts, phase: Phase, t: Train) -> int:
 
     Returns the number of trainable parameters. The caller re-wraps the model for DDP after this,
     because DistributedDataParallel only syncs the parameters that required grad when wrapped."""
-    n_trainable = freeze_to(parts.model, parts.groups, -1 if phase.frozen else 0, train_bn=t.bn == "train")
+    n = phase.freeze_to if phase.freeze_to is not None else -1 if phase.frozen else 0
+    n_trainable = freeze_to(parts.model, parts.groups, n, train_bn=t.bn == "train")
     lo, hi = phase.lr
     for g, scale in zip(parts.learn.opt.param_groups, lr_scales(len(parts.groups), lo, hi)):
         g["lr_scale"] = scale
@@ -207,7 +212,7 @@ class Report(Callback):
 def train(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks | None = None,
           plan: list[Phase] | None = None) -> Outcome:
     """Train `recipe`'s model section m with train section t on `frame`, following `plan`
-    (default: fine_tune.phases(t)); resumes from hooks.resume() when it gives a state."""
+    (default: the kind's, Kind.plan); resumes from hooks.resume() when it gives a state."""
     hooks = hooks or Hooks()
     parts = build(recipe, m, t, frame, hooks)
     start_epoch = 0
@@ -217,7 +222,7 @@ def train(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks | None = None,
         if hooks.rank == 0:
             print(f"resumed from checkpoint after epoch {start_epoch - 1}", flush=True)
     parts.learn.add_cbs(Report(hooks, parts))
-    plan = plan if plan is not None else phases(t)
+    plan = plan if plan is not None else recipe.kind.plan(m, t)
     first = 0
     for phase in plan:
         if start_epoch < first + phase.epochs:

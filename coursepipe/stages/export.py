@@ -98,6 +98,8 @@ def to_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int,
     """(serialised ONNX model, exporter used): the dynamo exporter, else the TorchScript one."""
     names = input_names(model)
     axes = dynamic_axes(recipe, names)
+    if "dynamo" not in recipe.kind.exporters:
+        return onnx_torchscript(model, args, names, opset, axes), "torchscript"
     try:
         return onnx_dynamo(model, args, names, opset, axes), "dynamo"
     except Exception as e:  # any exporter failure: the legacy path still gives a valid graph

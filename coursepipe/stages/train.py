@@ -50,11 +50,13 @@ class Bundle:
     run_name: str | None
 
 
-def run_name(cfg: RecipeConfig, data_digest: str) -> str:
-    """Same model + train params and the same prepared table -> the same Ray run name -> resume;
-    anything else -> a fresh run (the table's digest stands for the source and prepare params)."""
+def run_name(cfg: RecipeConfig, data_digest: str, upstream_digest: str | None = None) -> str:
+    """Same model + train params, the same prepared table and the same starting model -> the same
+    Ray run name -> resume; anything else -> a fresh run (the table's digest stands for the source
+    and prepare params)."""
     blob = json.dumps({"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
-                       "data": data_digest}, sort_keys=True, default=str)
+                       "data": data_digest, **({"upstream": upstream_digest} if upstream_digest else {})},
+                      sort_keys=True, default=str)
     return f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -115,12 +117,14 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: 
     recipe.kind.prefetch(cfg.model)  # e.g. pretrained weights: fail here, in one line, not in a worker
     digest = file_digest(paths.prepared(cfg.name) / prepare.TABLE)
     check_validated(paths, cfg.name, digest)
+    upstream = upstream_model(paths, cfg)
     frame, stream = load_frame(cfg, recipe, paths)
-    name = run_name(cfg, digest)
+    name = run_name(cfg, digest, file_digest(upstream) if upstream else None)
     lock = locks.run_lock(storage, name)  # two roots sharing ray_storage must not train one run twice
     with locks.hold(lock, f"Ray run {name}") if lock else contextlib.nullcontext():
         fit = ray_train.fit(recipe, cfg.model, cfg.train, frame, storage=storage, run_name=name,
-                            verbose=verbose, stream=stream)
+                            verbose=verbose, stream=stream,
+                            upstream=str(upstream) if upstream else None)
     save_bundle(paths, cfg, fit.state["model"], fit.state["processor"], fit.history, summary={
         "run_name": name, "storage": storage, "epochs": len(fit.history),
         "train_seconds": round(fit.train_seconds, 3),
@@ -130,6 +134,27 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: 
                        train_seconds=fit.train_seconds,
                        startup_seconds=fit.wall_seconds - fit.train_seconds,
                        rank_checksums=fit.rank_checksums, worker=fit.worker)
+
+
+def upstream_model(paths: Paths, cfg: RecipeConfig) -> Path | None:
+    """The model file of the recipe this one starts from (`starts_from: models/<r>`), or None."""
+    if cfg.upstream is None:
+        return None
+    path = paths.model(cfg.upstream) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"recipes.{cfg.name}.starts_from: {path.relative_to(paths.root)} "
+                                f"is missing: train {cfg.upstream} first (dvc repro train@{cfg.name} "
+                                f"does it)")
+    return path
+
+
+def read_bundle(path: Path) -> dict:
+    """A model.pt as saved by save_bundle (weights_only: a file from a shared remote runs no code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of many types
+        raise ValueError(f"{path}: not a model bundle of this project ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def save_bundle(paths: Paths, cfg: RecipeConfig, state_dict: dict, processor: dict,
@@ -153,11 +178,7 @@ def load_model(paths: Paths, recipe: Recipe) -> Bundle:
     path = paths.model(recipe.name) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the train stage first")
-    try:  # weights_only: a model file from a shared DVC remote cannot run code here
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors of many types
-        raise ValueError(f"{path}: not a model bundle of this project ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raw = read_bundle(path)
     m = config.build(recipe.model_config, raw["model_config"], f"{path}:model_config", located=False)
     model = recipe.kind.build_model(recipe, raw["processor"], m)
     model.load_state_dict(raw["state_dict"])

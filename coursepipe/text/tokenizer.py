@@ -12,7 +12,7 @@ from typing import Iterable
 from coursepipe.export.portable_lm import (  # noqa: F401  (re-exported: the public text API)
     BOS, EOS, FAKE, FLD, MAJ, PAD, REP, SPECIALS, UNK, UP, WREP, document, fix_html, numericalize,
     replace_all_caps, replace_maj, replace_rep, replace_wrep, rm_useless_spaces, spec_add_spaces,
-    stream, tokenize, windows)
+    stream, text_tokens, tokenize, windows)
 
 
 def make_vocab(tokens: Iterable[str], min_freq: int = 3, max_vocab: int = 60_000) -> list[str]:

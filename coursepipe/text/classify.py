@@ -1,0 +1,74 @@
+"""Text classification batches: token ids of each text, right-padded, in batches of similar lengths.
+
+As fastai's SortishSampler: training rows are shuffled, cut into chunks of `bs * chunk` rows, each
+chunk sorted by length and cut into batches, and the batches shuffled; all from a generator seeded
+by (seed, epoch), identical on every rank, so a resumed epoch replays exactly and every rank takes
+the same number of steps (rank r reads batches r, r + world, ...). Validation batches are sorted by
+length (no padding wasted) and dealt out the same way; metric sums are added over ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from coursepipe.export.portable_lm import PAD, numericalize, tokenize
+
+
+def encode(itos: list[str], texts) -> list[np.ndarray]:
+    """Each text's ids (xxbos first), as the exported predictor computes them."""
+    return [numericalize(tokenize(str(t)), itos) for t in texts]
+
+
+def pad_right(seqs: list[np.ndarray], pad_id: int) -> torch.Tensor:
+    """(B, longest) int64, each row its ids then pad_id."""
+    out = np.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = s
+    return torch.from_numpy(out)
+
+
+def sortish_batches(lengths: np.ndarray, bs: int, rng: np.random.Generator, chunk: int) -> list[np.ndarray]:
+    """Row indices of batches of similar lengths, in a random order."""
+    idx = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(idx), bs * chunk):
+        part = idx[start:start + bs * chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i:i + bs] for i in range(0, len(part), bs)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class TextBatches:
+    """callable(epoch) -> this rank's (x, y) batches; x right-padded ids, y class indices."""
+
+    def __init__(self, ids: list[np.ndarray], y: torch.Tensor, pad_id: int, bs: int, rank: int,
+                 world: int, seed: int, train: bool, chunk: int = 50):
+        self.ids, self.y, self.pad_id = ids, y, pad_id
+        self.lengths = np.array([len(s) for s in ids])
+        self.bs, self.rank, self.world, self.seed, self.train, self.chunk = \
+            bs, rank, world, seed, train, chunk
+        if train and bs % world:
+            raise ValueError(f"batch size {bs} does not split over {world} ranks")
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if not self.train:
+            order = np.argsort(-self.lengths, kind="stable")
+            batches = [order[i:i + self.bs] for i in range(0, len(order), self.bs)]
+            return batches[self.rank::self.world]
+        # global batches of bs rows, each rank taking its bs / world slice: DDP averages the same
+        # number of steps on every rank; a last partial batch is dropped (fastai's drop_last)
+        batches = [b for b in sortish_batches(self.lengths, self.bs, np.random.default_rng([self.seed, epoch]),
+                                              self.chunk) if len(b) == self.bs]
+        local = self.bs // self.world
+        return [b[self.rank * local:(self.rank + 1) * local] for b in batches]
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def __call__(self, epoch: int = 0):
+        for b in self.plan(epoch):
+            yield pad_right([self.ids[i] for i in b], self.pad_id), self.y[b]
+
+
+def pad_id(itos: list[str]) -> int:
+    return itos.index(PAD)

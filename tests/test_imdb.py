@@ -1,0 +1,186 @@
+"""ULMFiT (lessons 3-4): the IMDB layouts, text validation, the AWD-LSTM, starts_from, gradual
+unfreezing as a plan of the shared program, and one audited run of the three recipes chained
+(imdb_pretrain -> imdb_lm -> imdb) through real Ray Train, then predict.py from the export alone."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from audit import run_pipeline
+from conftest import fetch, load_cfg, small_params, write_params
+
+from coursepipe import config, recipes
+from coursepipe.learn import program
+from coursepipe.models.awd_lstm import AWDLSTM, TextClassifier, match_embeds
+from coursepipe.text import imdb
+from coursepipe.text.classify import TextBatches
+
+CHAIN = ("imdb_pretrain", "imdb_lm", "imdb")
+
+
+def tiny_params(rows: int = 100) -> dict:
+    raw = small_params(recipes=CHAIN)
+    for name in CHAIN:
+        sec = raw["recipes"][name]
+        sec["sources"]["synthetic"]["rows"] = rows
+        sec["model"].update({"emb_sz": 32, "n_hid": 48, "n_layers": 2, "max_vocab": 200})
+        sec["train"].update({"epochs": 1, "bs": 8, "valid_bs": 8, "num_workers": 1})
+        sec["evaluate"]["bs"] = 8
+        sec["export"]["parity_rows"] = 8
+    raw["recipes"]["imdb"]["model"]["unfreeze"] = [[1, 0.02], [1, 0.005]]
+    return raw
+
+
+def extract(blob: bytes, to):
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tf:
+        tf.extractall(to, filter="data")
+    return to
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_corpus_never_holds_an_evaluation_text(tmp_path):
+    df = imdb.read_any(extract(imdb.synthesize(20, 0), tmp_path))
+    assert set(df["part"]) == {"train", "test", "unsup"} and (df["part"] == "test").sum() == 40
+    # a test review copied into unsup/ and train/: the corpus drops both copies and says so
+    test_text = df.loc[df["part"] == "test", "text"].iloc[0]
+    extra = pd.DataFrame({"text": [test_text, test_text], "label": ["", "positive"],
+                          "part": ["unsup", "train"], "file": ["u", "t"]})
+    corpus, dropped = imdb.lm_corpus(pd.concat([df, extra]), ("train", "unsup"))
+    assert dropped == 2 and test_text not in set(corpus["text"])
+    assert len(corpus) == corpus["text"].nunique()
+
+
+def test_csv_layout_and_bad_files_are_named(tmp_path):
+    (tmp_path / "imdb_sample").mkdir()
+    (tmp_path / "imdb_sample" / "texts.csv").write_text(
+        "label,text,is_valid\npositive,Great fun,False\nnegative,Dull,True\n")
+    df = imdb.read_any(tmp_path)
+    assert df["part"].tolist() == ["train", "test"] and df["label"].tolist() == ["positive", "negative"]
+    (tmp_path / "imdb_sample" / "texts.csv").write_text("sentiment,review\npositive,x\n")
+    with pytest.raises(KeyError, match=r"texts\.csv: no column 'label'"):
+        imdb.read_any(tmp_path)
+    bad = tmp_path / "acl"
+    (bad / "imdb" / "train" / "pos").mkdir(parents=True)
+    (bad / "imdb" / "train" / "pos" / "1_9.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(ValueError, match=r"imdb/train/pos/1_9\.txt: not valid UTF-8"):
+        imdb.read_any(bad)
+
+
+def test_valid_texts_also_in_train_are_dropped_or_refused():
+    kind = recipes.get("imdb").kind
+    cfg = config.parse(tiny_params(), recipes.Registry()).recipe("imdb")
+    df = pd.DataFrame({"label": ["positive", "negative", "positive"], "text": ["a b", "c d", "a b"],
+                       "part": ["train", "train", "test"], "file": ["1", "2", "3"]})
+    out = kind.prepare(recipes.get("imdb"), df, cfg.prepare)
+    assert out["duplicate"].tolist() == ["", "", "train"] and len(kind.usable(out)) == 2
+    with pytest.raises(ValueError, match=r"1 validation texts are also training texts"):
+        kind.prepare(recipes.get("imdb"), df, config.evolve(cfg.prepare, duplicates="fail"))
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_classifier_ignores_padding_and_chunks_equal_one_pass():
+    torch.manual_seed(0)
+    enc = AWDLSTM(50, 16, 24, 2, pad_id=1, embed_p=0.1, weight_p=0.2, input_p=0.1, hidden_p=0.1)
+    model = TextClassifier(enc, 2, [8], [0.1, 0.1], pad_id=1, bptt=5, max_len=10).eval()
+    x = torch.randint(2, 50, (1, 23))
+    padded = torch.cat([x, torch.ones(1, 7, dtype=torch.long)], 1)
+    assert torch.allclose(model(x), model(padded), atol=1e-6)  # right padding never changes it
+    # training reads bptt chunks with the state carried: the same outputs as one pass
+    enc.eval()
+    one = enc(x)
+    model.train()
+    for m in model.modules():  # dropouts off, chunking on
+        if hasattr(m, "p"):
+            m.p = 0.0
+    chunked = model.encode(x)
+    assert torch.allclose(one, chunked, atol=1e-5)
+
+
+def test_match_embeds_keeps_known_words_and_gives_new_ones_the_mean():
+    w = torch.arange(6.0).reshape(3, 2)
+    out = match_embeds(w, ["a", "b", "c"], ["c", "new", "a"])
+    assert torch.equal(out[0], w[2]) and torch.equal(out[2], w[0]) and torch.equal(out[1], w.mean(0))
+
+
+def test_sortish_batches_are_seeded_similar_in_length_and_split_over_ranks():
+    ids = [np.arange(n) for n in np.random.default_rng(0).integers(3, 200, 64)]
+    y = torch.zeros(64, dtype=torch.long)
+    b = TextBatches(ids, y, 1, 8, 0, 1, seed=3, train=True, chunk=4)
+    first, again, other = b.plan(0), b.plan(0), b.plan(1)
+    assert all(np.array_equal(p, q) for p, q in zip(first, again))
+    assert not all(np.array_equal(p, q) for p, q in zip(first, other))
+    spread = np.mean([np.ptp(b.lengths[i]) for i in first])
+    assert spread < np.ptp(b.lengths) / 2           # a batch holds texts of similar lengths
+    r0, r1 = (TextBatches(ids, y, 1, 8, r, 2, seed=3, train=True, chunk=4).plan(0) for r in (0, 1))
+    assert len(r0) == len(r1) and all(np.array_equal(np.concatenate([p, q]), f)
+                                      for p, q, f in zip(r0, r1, first))
+
+
+def test_gradual_unfreezing_is_a_plan_of_the_shared_program():
+    cfg = config.parse(tiny_params(), recipes.Registry()).recipe("imdb")
+    recipe = recipes.get("imdb")
+    plan = recipe.kind.plan(cfg.model, cfg.train)
+    assert [p.freeze_to for p in plan] == [-1, 0] and [p.epochs for p in plan] == [1, 1]
+    lo, hi = plan[1].lr
+    assert hi == 0.005 and lo == pytest.approx(0.005 / 2.6 ** 3)   # 4 groups: emb, 2 LSTMs, head
+    df = recipe.normalise(recipe.read_raw(extract(imdb.synthesize(12, 0), __import__("pathlib").Path(
+        __import__("tempfile").mkdtemp())), None))
+    frame = recipe.kind.prepare(recipe, df, cfg.prepare)
+    seen = []
+
+    class Trainable(program.Callback):
+        def before_train(self):
+            seen.append(sum(p.requires_grad for p in self.learn.model.encoder.parameters()))
+
+    program.train(recipe, cfg.model, cfg.train, frame, program.Hooks(show=False, callbacks=(Trainable(),)))
+    assert seen[0] == 0 and seen[1] > 0        # the head alone first, then the encoder too
+
+
+def test_starts_from_must_name_a_recipe_model():
+    raw = tiny_params()
+    raw["recipes"]["imdb"]["starts_from"] = "models/nowhere"
+    with pytest.raises(config.ConfigError, match=r"recipes\.imdb\.starts_from: 'models/nowhere' names no recipe"):
+        config.parse(raw, recipes.Registry())
+    raw["recipes"]["imdb"]["starts_from"] = "prepared/imdb"
+    with pytest.raises(config.ConfigError, match=r"recipes\.imdb\.starts_from: ULMFiT's classifier"):
+        recipes.get("imdb").check_config(config.parse(raw, recipes.Registry()).recipe("imdb"))
+
+
+# ----------------------------------------------------------------------------- the three stages
+
+def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ray_session, tmp_path):
+    write_params(project.root, tiny_params())
+    done = {}
+    for name in CHAIN:
+        cfg = load_cfg(project, name)
+        fetch(cfg, project)
+        done[name] = run_pipeline(cfg, recipes.get(name), project, storage=project.runs(".runs"))
+    lm = done["imdb_lm"]["evaluate"].metrics
+    assert 0 < lm["accuracy"] <= 1 and lm["perplexity"] == pytest.approx(np.exp(lm["valid_loss"]), rel=1e-4)
+    clas = done["imdb"]
+    assert clas["train"].epochs_run == 2
+    assert 0 <= clas["evaluate"].metrics["accuracy"] <= 1
+    assert (project.plots("imdb") / "most_confident_wrong.csv").is_file()
+    ex = clas["export"]
+    assert ex.parity_max_diff <= 1e-4
+    proc = subprocess.run([sys.executable, "-I", str(ex.path / "predict.py"),
+                           "A wonderful, moving film.", "Awful and boring. " * 40], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(l.split("\t")[0] in ("negative", "positive") for l in lines)
+    # the classifier's encoder started from imdb_lm's: a missing upstream model is a clear error
+    import shutil
+    shutil.rmtree(project.model("imdb_lm"))
+    from coursepipe.stages import train
+    with pytest.raises(FileNotFoundError, match=r"recipes\.imdb\.starts_from: models/imdb_lm/model\.pt is missing"):
+        train.upstream_model(project, load_cfg(project, "imdb"))
