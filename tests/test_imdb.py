@@ -184,3 +184,94 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
     from coursepipe.stages import train
     with pytest.raises(FileNotFoundError, match=r"recipes\.imdb\.starts_from: models/imdb_lm/model\.pt is missing"):
         train.upstream_model(project, load_cfg(project, "imdb"))
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+@pytest.fixture
+def loopback(tmp_path):
+    """A real http.server on 127.0.0.1 serving tmp_path/www."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def fastai_lm_archive(model, itos: list[str], itos_pickle: bytes | None = None) -> bytes:
+    """An archive laid out as fastai's wt103-fwd.tgz, keys named as fastai's AWD-LSTM names them."""
+    import pickle
+
+    from coursepipe.data.archive import deterministic_tgz
+
+    state = {}
+    for k, v in model.state_dict().items():
+        name = k.replace("encoder.encoder.", "0.encoder.").replace("head.decoder.", "1.decoder.")
+        name = name.replace("encoder.rnns.", "0.rnns.")
+        if name.endswith("lstm.weight_hh_l0"):
+            state[name.replace("lstm.weight_hh_l0", "weight_hh_l0_raw")] = v
+            name = name.replace(".lstm.", ".module.")   # fastai keeps the dropped copy too
+        state[name.replace(".lstm.", ".module.")] = v
+    state["0.encoder_dp.emb.weight"] = state["0.encoder.weight"]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return deterministic_tgz({"wt103-fwd/lstm_fwd.pth": buf.getvalue(),
+                              "wt103-fwd/itos_wt103.pkl": itos_pickle or pickle.dumps(itos)})
+
+
+def test_fastai_pretrained_lm_loads_from_a_url_matched_to_the_corpus_vocabulary(tmp_path, loopback):
+    import hashlib
+    import pickle
+
+    from coursepipe.config import evolve
+    from coursepipe.kinds.language_model import LanguageModel
+    from coursepipe.models.transfer import WeightsError
+    from coursepipe.text import pretrained
+
+    www, base = loopback
+    cfg = config.parse(tiny_params(), recipes.Registry()).recipe("imdb_pretrain")
+    recipe, kind = recipes.get("imdb_pretrain"), LanguageModel()
+    source_itos = ["xxunk", "xxpad", "xxbos", "xxeos", "xxfld", "xxrep", "xxwrep", "xxup", "xxmaj",
+                   "film", "great", "old"]
+    torch.manual_seed(1)
+    source = kind.build_model(recipe, {"itos": source_itos}, cfg.model)
+    blob = fastai_lm_archive(source, source_itos)
+    (www / "wt103-fwd.tgz").write_bytes(blob)
+    digest = hashlib.sha256(blob).hexdigest()
+    m = evolve(cfg.model, weights=f"{base}/wt103-fwd.tgz", weights_sha256=digest,
+               weights_cache=str(tmp_path / "cache"))
+    kind.prefetch(m)                                       # the driver downloads and checks it once
+    assert (tmp_path / "cache" / "wt103-fwd.tgz").is_file()
+
+    corpus_itos = ["xxunk", "xxpad", "xxbos", "xxeos", "xxfld", "xxrep", "xxwrep", "xxup", "xxmaj",
+                   "great", "new", "film"]
+    model = kind.build_model(recipe, {"itos": corpus_itos}, m)
+    cb = next(c for c in kind.callbacks(recipe, m, cfg.train) if isinstance(c, pretrained.LoadPretrainedLM))
+    cb.learn = type("L", (), {"model": model, "step": 0, "epoch_offset": 0})()
+    cb.before_fit()
+    emb, src = model.encoder.encoder.weight, source.encoder.encoder.weight
+    assert torch.equal(emb[9], src[10]) and torch.equal(emb[11], src[9])   # great, film: their rows
+    assert torch.allclose(emb[10], src.mean(0))                             # new: the mean row
+    for k in ("encoder.rnns.1.lstm.weight_hh_l0", "encoder.rnns.0.lstm.bias_ih_l0"):
+        assert torch.equal(model.state_dict()[k], source.state_dict()[k])
+
+    with pytest.raises(WeightsError, match="does not match the expected"):   # another file: refused
+        kind.prefetch(evolve(m, weights_sha256="0" * 64, weights_cache=str(tmp_path / "c2")))
+    with pytest.raises(WeightsError, match=r"cannot download .*Offline\?"):  # nothing listening
+        kind.prefetch(evolve(m, weights="http://127.0.0.1:9/wt103-fwd.tgz", weights_cache=str(tmp_path / "c3")))
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    bad = fastai_lm_archive(source, source_itos, itos_pickle=pickle.dumps([Boom()]))
+    (tmp_path / "bad.tgz").write_bytes(bad)
+    with pytest.raises(WeightsError, match=r"refers to builtins\.print: refusing"):
+        pretrained.read_fastai_lm(tmp_path / "bad.tgz")

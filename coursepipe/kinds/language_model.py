@@ -74,6 +74,22 @@ class AWDLSTMModel(Section):
                 for k in ("embed_p", "weight_p", "input_p", "hidden_p", "output_p")}
 
 
+@dataclass(frozen=True)
+class PretrainedAWDLSTM(AWDLSTMModel):
+    """ULMFiT's first step: the AWD-LSTM LM, optionally starting from fastai-format pretrained
+    weights (the course's WikiText-103: `wt103-fwd.tgz`), then trained on the configured corpus."""
+    weights: str               # none | https://... (downloaded once, sha256-checked) | a local file
+    weights_sha256: str | None
+    weights_cache: str         # where downloads are kept
+    weights_timeout_s: float   # a download that stalls this long fails
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weights not in ("", "none") and self.weights.startswith(("http://", "https://")) \
+                and not self.weights_sha256:
+            raise ConfigError("weights_sha256: a downloaded weights file needs its sha256")
+
+
 def awd_encoder(vocab: int, pad_id: int, m) -> "object":
     """The AWD-LSTM encoder of a model section (an LM's, or the classifier's encoder fields)."""
     from coursepipe.models.awd_lstm import AWDLSTM
@@ -85,7 +101,7 @@ def awd_encoder(vocab: int, pad_id: int, m) -> "object":
 class LanguageModel(Kind):
     name = "language_model"
     portable = "coursepipe.export.portable_lm"
-    model_configs = (LMModel, AWDLSTMModel)
+    model_configs = (LMModel, AWDLSTMModel, PretrainedAWDLSTM)
 
     def fit_processor(self, recipe, train, m) -> dict:
         """The vocabulary of the training document, and what the export needs to rebuild windows."""
@@ -130,7 +146,9 @@ class LanguageModel(Kind):
             from coursepipe.models.awd_lstm import AWDLanguageModel
             from coursepipe.text.tokenizer import PAD
             itos = processor["itos"]
-            return AWDLanguageModel(awd_encoder(len(itos), itos.index(PAD), m), m.ps()["output_p"])
+            model = AWDLanguageModel(awd_encoder(len(itos), itos.index(PAD), m), m.ps()["output_p"])
+            model.itos = itos  # a plain attribute (not saved): pretrained rows are matched to it
+            return model
         from coursepipe.models.rnn import build
         return build(m.arch, len(processor["itos"]), m.nh, m.n_layers)
 
@@ -166,7 +184,18 @@ class LanguageModel(Kind):
         """Stateful models: carry the state across batches, forgotten at each epoch and validation."""
         from coursepipe.models.rnn import STATEFUL
         from coursepipe.text.callbacks import ResetState
-        return [ResetState()] if m.arch in STATEFUL or m.arch == "awd_lstm" else []
+        cbs = [ResetState()] if m.arch in STATEFUL or m.arch == "awd_lstm" else []
+        if isinstance(m, PretrainedAWDLSTM) and m.weights not in ("", "none"):
+            from coursepipe.text.pretrained import LoadPretrainedLM
+            cbs.append(LoadPretrainedLM(m.weights, m.weights_cache, m.weights_sha256, m.weights_timeout_s))
+        return cbs
+
+    def prefetch(self, m) -> None:
+        """On the driver, before Ray starts: download and check the pretrained LM once."""
+        if isinstance(m, PretrainedAWDLSTM) and m.weights not in ("", "none"):
+            from coursepipe.models.transfer import resolve
+            from coursepipe.text.pretrained import read_fastai_lm
+            read_fastai_lm(resolve(m.weights, m.weights_cache, m.weights_sha256, m.weights_timeout_s))
 
     def evaluate(self, run: Evaluation) -> tuple[dict, Path]:
         """Next-token accuracy, loss, perplexity (stateful streams of evaluate.bs rows, as the

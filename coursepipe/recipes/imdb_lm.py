@@ -18,8 +18,8 @@ from coursepipe.text import imdb
 COLUMNS = ("text", "part")
 
 
-def read_raw(extracted: Path, p=None) -> pd.DataFrame:
-    corpus, dropped = imdb.lm_corpus(imdb.read_any(extracted), ("train", "unsup"))
+def read_raw(extracted: Path, p: imdb.CorpusPrepare) -> pd.DataFrame:
+    corpus, dropped = imdb.lm_corpus(imdb.read_any(extracted), ("train", "unsup"), p.max_texts, p.seed)
     print(f"imdb_lm: {len(corpus)} texts; {dropped} dropped (also evaluation texts)")
     return corpus
 
@@ -41,4 +41,5 @@ RECIPE = Recipe(
     read_raw=read_raw,
     normalise=normalise,
     expectations=expectations,
+    prepare_config=imdb.CorpusPrepare,
 )

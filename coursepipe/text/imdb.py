@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dataclasses import dataclass
+
+from coursepipe.config import ConfigError, Prepare
 from coursepipe.data.archive import deterministic_tgz
 
 LABELS = {"pos": "positive", "neg": "negative"}
@@ -66,13 +69,28 @@ def read_any(extracted: Path) -> pd.DataFrame:
                             f"texts.csv (found: {found or 'nothing'})")
 
 
-def lm_corpus(df: pd.DataFrame, parts: tuple[str, ...]) -> tuple[pd.DataFrame, int]:
+@dataclass(frozen=True)
+class CorpusPrepare(Prepare):
+    """A language model's corpus: at most max_texts of its texts (a seeded sample; null: all),
+    so a CPU-sized run states the subset it trained on."""
+    max_texts: int | None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_texts is not None and self.max_texts < 1:
+            raise ConfigError(f"max_texts: must be >= 1 or null (all), got {self.max_texts}")
+
+
+def lm_corpus(df: pd.DataFrame, parts: tuple[str, ...], max_texts: int | None = None,
+              seed: int = 0) -> tuple[pd.DataFrame, int]:
     """(the language model's texts, how many were dropped): the texts of `parts` that are not also
-    texts of the classifier's evaluation split (`test`), each once."""
+    texts of the classifier's evaluation split (`test`), each once; a seeded sample of max_texts."""
     held_out = set(df.loc[df["part"] == "test", "text"])
     take = df[df["part"].isin(parts)]
     overlap = take["text"].isin(held_out)
     corpus = take[~overlap].drop_duplicates("text")
+    if max_texts is not None and len(corpus) > max_texts:
+        corpus = corpus.iloc[np.sort(np.random.default_rng(seed).choice(len(corpus), max_texts, replace=False))]
     return corpus.reset_index(drop=True), int(overlap.sum())
 
 
