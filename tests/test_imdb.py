@@ -178,6 +178,24 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(l.split("\t")[0] in ("negative", "positive") for l in lines)
+    # the web app serves it: the page, and the API's label agrees with predict.py's
+    import httpx
+
+    from coursepipe.recipes import load_params
+    from coursepipe.serve.app import create_app
+    from coursepipe.serve.run import Background
+    limits = load_params(project.params).serve
+    with Background(create_app(project.root / "export", limits)) as base:
+        page = httpx.get(f"{base}/models/imdb")
+        assert page.status_code == 200 and 'id="text"' in page.text and "Classify" in page.text
+        r = httpx.post(f"{base}/api/models/imdb/predict",
+                       json={"inputs": [{"text": "A wonderful, moving film."}]})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["label"] == lines[0].split("\t")[0]
+        assert abs(out["probability"] - float(lines[0].split("\t")[1])) < 1e-3
+        bad = httpx.post(f"{base}/api/models/imdb/predict", json={"inputs": [{"text": 3}]})
+        assert bad.status_code == 422 and "inputs[0].text" in bad.text
     # the classifier's encoder started from imdb_lm's: a missing upstream model is a clear error
     import shutil
     shutil.rmtree(project.model("imdb_lm"))

@@ -319,12 +319,28 @@ class LanguageModel(Served):
         return out
 
 
+class TextClassModel(Served):
+    """A text classifier (ULMFiT): each input's `text` -> its label and the classes' probabilities."""
+    kind = "review"
+
+    def form(self) -> dict:
+        return {"max_text_chars": self.limits.max_text_chars, "classes": list(self.state["classes"])}
+
+    def predict(self, inputs: list[dict]) -> list[dict]:
+        items = batch(inputs, self.limits.max_batch)
+        texts = [text(item.get("text"), f"inputs[{i}].text", self.limits.max_text_chars)
+                 for i, item in enumerate(items)]
+        proba = self.module.classify(self.sess, self.state, texts)
+        return [{"text": t, **row} for t, row in zip(texts, self.labelled(proba, self.state["classes"]))]
+
+
 # the card's `kind` (coursepipe/kinds/*.py `name`) -> how it is served
 PAGES: dict[str, type[Served]] = {"image_classification": ImageModel, "tabular_classification": TabularModel,
                                   "collab": CollabModel, "language_model": LanguageModel,
                                   "point_regression": PointModel,
                                   "multi_label": TagsModel,
-                                  "segmentation": SegmentationModel}
+                                  "segmentation": SegmentationModel,
+                                  "text_classification": TextClassModel}
 
 
 def discover(export_root: Path, limits) -> dict[str, Served]:
