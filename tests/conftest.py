@@ -173,3 +173,21 @@ def make_repo(root: Path, rows: int = 3000) -> Path:
                 ["git", "commit", "-qm", "project"]):
         sh(cmd, cwd=root, **git)
     return root
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    """A real http.server on 127.0.0.1 serving tmp_path/www (weights and archives by URL)."""
+    import functools
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

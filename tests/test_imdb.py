@@ -206,24 +206,6 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
 
 # ----------------------------------------------------------------------------- pretrained weights
 
-@pytest.fixture
-def loopback(tmp_path):
-    """A real http.server on 127.0.0.1 serving tmp_path/www."""
-    import functools
-    import http.server
-    import threading
-
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def fastai_lm_archive(model, itos: list[str], itos_pickle: bytes | None = None) -> bytes:
     """An archive laid out as fastai's wt103-fwd.tgz, keys named as fastai's AWD-LSTM names them."""
     import pickle

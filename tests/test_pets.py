@@ -3,15 +3,12 @@ the bad-image policy, the transfer model and its weight sources (local file, loo
 hash), and one full fetch -> ... -> export -> predict.py run fine-tuned from a local backbone."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -173,20 +170,6 @@ def test_weights_from_a_local_checkpoint_and_a_bundle(tmp_path):
     other = transfer.TransferNet("resnet50", 3, [0.5] * 3, [0.25] * 3, lin_ftrs=(8,))
     with pytest.raises(transfer.WeightsError, match="does not fit this backbone"):
         transfer.load_backbone(other, path, "backbone.pt")
-
-
-@pytest.fixture
-def loopback(tmp_path):
-    """A real http.server on 127.0.0.1 serving tmp_path/www."""
-    www = tmp_path / "www"
-    www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_weights_from_a_url_are_hash_checked_and_cached_once(tmp_path, loopback):

@@ -15,31 +15,19 @@ from coursepipe.contract import Recipe, Schema
 from coursepipe.kinds.language_model import AWDLSTMModel, LanguageModel
 from coursepipe.text import imdb
 
-COLUMNS = ("text", "part")
-
 
 def read_raw(extracted: Path, p: imdb.CorpusPrepare) -> pd.DataFrame:
-    corpus, dropped = imdb.lm_corpus(imdb.read_any(extracted), ("train", "unsup"), p.max_texts, p.seed)
-    print(f"imdb_lm: {len(corpus)} texts; {dropped} dropped (also evaluation texts)")
-    return corpus
-
-
-def normalise(df: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"text": df["text"].astype(str), "part": df["part"].astype(str)})
-
-
-def expectations(v) -> list:
-    return [("expect_column_value_lengths_to_be_between", {"column": "text", "min_value": 1})]
+    return imdb.read_corpus(extracted, p, ("train", "unsup"), "imdb_lm")
 
 
 RECIPE = Recipe(
     name="imdb_lm",
     kind=LanguageModel(),
-    schema=Schema(columns=COLUMNS, target="text", categories={"part": ("train", "unsup")}),
+    schema=Schema(columns=imdb.CORPUS_COLUMNS, target="text", categories={"part": ("train", "unsup")}),
     model_config=AWDLSTMModel,
     synthesize=imdb.synthesize,
     read_raw=read_raw,
-    normalise=normalise,
-    expectations=expectations,
+    normalise=imdb.normalise_corpus,
+    expectations=imdb.corpus_expectations,
     prepare_config=imdb.CorpusPrepare,
 )

@@ -94,6 +94,27 @@ def lm_corpus(df: pd.DataFrame, parts: tuple[str, ...], max_texts: int | None = 
     return corpus.reset_index(drop=True), int(overlap.sum())
 
 
+CORPUS_COLUMNS = ("text", "part")
+
+
+def read_corpus(extracted: Path, p: CorpusPrepare, parts: tuple[str, ...], name: str) -> pd.DataFrame:
+    """A language model's corpus from any IMDB layout, logging what it kept and dropped."""
+    df = read_any(extracted)
+    if "unsup" in parts and not (df["part"] == "unsup").any():
+        parts = tuple(x for x in parts if x != "unsup") or ("train",)  # a CSV has no unsup texts
+    corpus, dropped = lm_corpus(df, parts, p.max_texts, p.seed)
+    print(f"{name}: {len(corpus)} texts of {parts}; {dropped} dropped (also evaluation texts)")
+    return corpus
+
+
+def normalise_corpus(df: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"text": df["text"].astype(str), "part": df["part"].astype(str)})
+
+
+def corpus_expectations(v) -> list:
+    return [("expect_column_value_lengths_to_be_between", {"column": "text", "min_value": 1})]
+
+
 # ----------------------------------------------------------------------------- the offline sample
 
 GOOD = ("wonderful", "brilliant", "moving", "superb", "delightful", "gripping", "charming", "great")
