@@ -83,6 +83,8 @@ def test_valid_texts_also_in_train_are_dropped_or_refused():
     assert out["duplicate"].tolist() == ["", "", "train"] and len(kind.usable(out)) == 2
     with pytest.raises(ValueError, match=r"1 validation texts are also training texts"):
         kind.prepare(recipes.get("imdb"), df, config.evolve(cfg.prepare, duplicates="fail"))
+    some = kind.prepare(recipes.get("imdb"), df, config.evolve(cfg.prepare, max_train=1))
+    assert (~some["is_valid"]).sum() == 1 and some["is_valid"].sum() == 1   # a stated subset
 
 
 # ----------------------------------------------------------------------------- model
@@ -178,6 +180,11 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and all(l.split("\t")[0] in ("negative", "positive") for l in lines)
+    (tmp_path / "reviews.txt").write_text("A wonderful, moving film.\n\nDull.\n")   # one text a line
+    from_file = subprocess.run([sys.executable, "-I", str(ex.path / "predict.py"), "reviews.txt"],
+                               cwd=tmp_path, capture_output=True, text=True)
+    assert from_file.returncode == 0 and from_file.stdout.splitlines()[0] == lines[0]
+    assert len(from_file.stdout.splitlines()) == 2
     # the web app serves it: the page, and the API's label agrees with predict.py's
     import httpx
 
@@ -270,8 +277,8 @@ def test_fastai_pretrained_lm_loads_from_a_url_matched_to_the_corpus_vocabulary(
 
     class Boom:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (len, ("pwned",))
     bad = fastai_lm_archive(source, source_itos, itos_pickle=pickle.dumps([Boom()]))
     (tmp_path / "bad.tgz").write_bytes(bad)
-    with pytest.raises(WeightsError, match=r"refers to builtins\.print: refusing"):
+    with pytest.raises(WeightsError, match=r"refers to builtins\.len: refusing"):
         pretrained.read_fastai_lm(tmp_path / "bad.tgz")

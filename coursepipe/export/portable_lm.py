@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] in ("-n", "--n"):
         n, argv = int(argv[1]), argv[2:]
     if not argv:
-        print("usage: predict.py [-n N] PROMPT... | ROWS.csv   (reads this folder's model)", file=sys.stderr)
+        print("usage: predict.py [-n N] PROMPT... | ROWS.csv   (a classifier: TEXT... | TEXTS.txt, one a line"
+              " | ROWS.csv with a text column; reads this folder's model)", file=sys.stderr)
         return 2
     here = Path(__file__).resolve().parent
     try:
@@ -279,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(out, sys.stdout)
         else:
             sess, state = load(here)
-            if state.get("task") == "classify":  # each argument is one text
+            if state.get("task") == "classify":  # each argument is one text, or a .txt file of them
+                if len(argv) == 1 and argv[0].endswith(".txt") and Path(argv[0]).is_file():
+                    argv = [line for line in Path(argv[0]).read_text(encoding="utf-8").splitlines() if line.strip()]
                 for text, p in zip(argv, classify(sess, state, argv)):
                     print(f"{state['classes'][int(p.argmax())]}\t{p.max():.3f}\t{text[:60]}")
                 return 0

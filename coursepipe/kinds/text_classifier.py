@@ -23,6 +23,15 @@ WRONG_CSV = "most_confident_wrong.csv"
 @dataclass(frozen=True)
 class TextPrepare(Prepare):
     duplicates: Literal["drop", "fail"]   # valid texts that are also training texts
+    max_train: int | None                 # a seeded sample of the training texts (null: all)
+    max_valid: int | None                 # ... of the validation texts: a CPU-sized run states its subset
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_train", "max_valid"):
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise ConfigError(f"{name}: must be >= 1 or null (all), got {n}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,15 @@ class TextClassification(Kind):
     def prepare(self, recipe, df, p: TextPrepare):
         """The split, then texts of the validation rows that are also training texts marked (and
         counted in the report) or refused, as prepare.duplicates says."""
+        import numpy as np
+
         out = super().prepare(recipe, df, p)
+        rng = np.random.default_rng(p.seed)
+        for valid, n in ((False, p.max_train), (True, p.max_valid)):
+            rows = np.flatnonzero(out["is_valid"].to_numpy() == valid)
+            if n is not None and len(rows) > n:
+                out = out.drop(out.index[np.setdiff1d(rows, rng.choice(rows, n, replace=False))])
+        out = out.reset_index(drop=True)
         seen = set(out.loc[~out["is_valid"], TEXT])
         dup = out["is_valid"] & out[TEXT].isin(seen)
         if dup.any() and p.duplicates == "fail":

@@ -39,7 +39,7 @@ RECIPE = Recipe(
     course=("accuracy", 0.944, "lesson 3/4 ULMFiT, full IMDB, WikiText-103 start"),
     kind=TextClassification(),
     schema=Schema(columns=(*COLUMNS, "duplicate"), target="label", classes=CLASSES,
-                  categories={"label": CLASSES, "part": ("train", "test"), "duplicate": ("", "train")}),
+                  categories={"part": ("train", "test")}),
     model_config=TextClassifierModel,
     synthesize=imdb.synthesize,
     read_raw=read_raw,
