@@ -25,13 +25,23 @@ from tasks.report import report
 from tasks.stages import STAGE_TASKS, fetch
 
 
+def upstream_chain(params, recipe: str) -> list[str]:
+    """The recipes whose trained models this one starts from (starts_from), first to last, then
+    itself: imdb -> [imdb_pretrain, imdb_lm, imdb]."""
+    chain = [recipe]
+    while (up := params.recipe(chain[0]).upstream) is not None and up not in chain:
+        chain.insert(0, up)
+    return chain
+
+
 @flow(name="course", flow_run_name="course-{recipe}", log_prints=True)
 def course(recipe: str = "adult", root: str = ".", warm_cluster: bool = True) -> dict:
     """One recipe end to end; returns its metrics."""
     root = str(Path(root).resolve())
-    load(Paths(root).params).recipe(recipe)  # fail fast on malformed params / unknown recipe
+    params = load(Paths(root).params)  # fail fast on malformed params / unknown recipe
     with cluster.warm() if warm_cluster else contextlib.nullcontext():
-        fetch(recipe, root)
+        for name in upstream_chain(params, recipe):  # DVC re-runs their stages; it cannot fetch
+            fetch(name, root)
         for stage in STAGES:
             STAGE_TASKS[stage](recipe, root)
     return report(recipe, root)

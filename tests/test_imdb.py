@@ -282,3 +282,10 @@ def test_fastai_pretrained_lm_loads_from_a_url_matched_to_the_corpus_vocabulary(
     (tmp_path / "bad.tgz").write_bytes(bad)
     with pytest.raises(WeightsError, match=r"refers to builtins\.len: refusing"):
         pretrained.read_fastai_lm(tmp_path / "bad.tgz")
+
+
+def test_the_course_flow_fetches_the_recipes_a_recipe_starts_from():
+    from flows.course import upstream_chain
+    params = config.parse(tiny_params(), recipes.Registry())
+    assert upstream_chain(params, "imdb") == ["imdb_pretrain", "imdb_lm", "imdb"]
+    assert upstream_chain(params, "imdb_pretrain") == ["imdb_pretrain"]
