@@ -156,13 +156,18 @@ def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, 
     assert [h["epoch"] for h in a] == [0, 1]
     assert [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in a] == \
         [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in b]
-    # rank 0's passes: a Ray Data execution of its train shard every epoch; of the validation
-    # split only in epoch 0 when it is kept
+    # rank 0's passes: a Ray Data execution of its train shard every epoch (the next one started
+    # when a train pass ends); of the validation split only in epoch 0 when it is kept
+    ahead = "stream, started ahead"
     assert [(w["split"], w["epoch"], w["source"]) for w in runs[0].worker["data_waits"]] == \
-        [("train", 0, "stream"), ("valid", 0, "stream"), ("train", 1, "stream"), ("valid", 1, "cache")]
-    assert [w["source"] for w in runs[1].worker["data_waits"]] == ["stream"] * 4
+        [("train", 0, "stream"), ("valid", 0, "stream"), ("train", 1, ahead), ("valid", 1, "cache")]
+    assert [w["source"] for w in runs[1].worker["data_waits"]] == ["stream", "stream", ahead, "stream"]
+    t = cfg.train
+    assert all(w["batches"] == (48 // t.bs if w["split"] == "train" else -(-12 // t.valid_bs))
+               for r in runs for w in r.worker["data_waits"])           # every batch, every pass
     n_valid = 12                                                 # 20 % of 60 rows
     assert a[-1]["accuracy"] * n_valid == pytest.approx(round(a[-1]["accuracy"] * n_valid))  # each row once
     # it trains on what it streams (6 steps on 48 images: the loss, not yet the accuracy, moves;
     # that each row's tensors are the kind's own for that row is the first test's check)
     assert a[-1]["train_loss"] < a[0]["train_loss"]
+

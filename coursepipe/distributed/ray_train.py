@@ -219,6 +219,36 @@ def held_bytes(batch: tuple) -> int:
     return sum(x.untyped_storage().nbytes() for x in batch)
 
 
+class Ahead:
+    """The next epoch's pass over a train shard, started in a thread as soon as this epoch's pass
+    ends: its Ray Data execution starts up (the seconds before its first batch) while the rank
+    validates and reports. Same seed, same shard: only the time it starts differs."""
+
+    def __init__(self, epoch: int, batches):
+        import threading
+
+        self.epoch, self.it = epoch, iter(batches)
+        self.first, self.error, self.empty = None, None, False
+        self.thread = threading.Thread(target=self._fetch, name=f"epoch-{epoch}-ahead", daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self.first = next(self.it)
+        except StopIteration:
+            self.empty = True
+        except BaseException as e:  # noqa: BLE001 - raised where the batches are consumed
+            self.error = e
+
+    def batches(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if not self.empty:
+            yield self.first
+            yield from self.it
+
+
 class ShardBatches:
     """One rank's batches from Ray Data (Kind.batches' role on the streaming path).
 
@@ -230,7 +260,9 @@ class ShardBatches:
     decoded validation batches of its first complete pass when they fit in `cache_bytes`
     (`train.valid_cache_mb`) and another epoch follows, and scores every later epoch from them:
     the same tensors in the same order as a stream would give (`preserve_order`). A split
-    larger than that is streamed every epoch; what is kept never exceeds `cache_bytes`."""
+    larger than that is streamed every epoch; what is kept never exceeds `cache_bytes`. The
+    train shard's next epoch is started as soon as a train pass ends (`Ahead`), so its start-up
+    overlaps validation and the epoch's report."""
 
     def __init__(self, split: str, rows: int, bs: int, rank: int, world: int, seed: int,
                  train: bool, buffer: int, cache_bytes: int = 0, last_epoch: int = 0,
@@ -239,6 +271,7 @@ class ShardBatches:
         self.cache_bytes, self.last_epoch = cache_bytes, last_epoch
         self.clock = clock if clock is not None else {"epoch": 0}  # the latest train pass's epoch
         self.cache: list[tuple] | None = None
+        self.ahead: Ahead | None = None
         if train:
             self.bs = max(1, bs // world)
             self.n = (rows // world) // self.bs
@@ -259,16 +292,14 @@ class ShardBatches:
         if self.cache is not None:
             yield from DataWaits(self.split, epoch, "cache").timed(iter(self.cache))
             return
-        import ray.train
-
-        shuffle = ({"local_shuffle_buffer_size": self.buffer,
-                    "local_shuffle_seed": self.seed * 1_000_003 + epoch} if self.train else {})
-        shard = ray.train.get_dataset_shard(self.split)
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.epoch != epoch:  # not the epoch it was started for (the
+            ahead = None                                # Learner runs epochs in order: never)
         keep: list[tuple] | None = ([] if not self.train and self.cache_bytes > 0
                                     and epoch < self.last_epoch else None)
         size = 0
-        waits = DataWaits(self.split, epoch, "stream")
-        for b in waits.timed(shard.iter_torch_batches(batch_size=self.bs, drop_last=self.train, **shuffle)):
+        waits = DataWaits(self.split, epoch, "stream" if ahead is None else "stream, started ahead")
+        for b in waits.timed(ahead.batches() if ahead is not None else self.stream(epoch)):
             batch = tuple(b[f"t{i}"] for i in range(len(b)))
             if keep is not None:
                 size += held_bytes(batch)
@@ -279,6 +310,17 @@ class ShardBatches:
             yield batch
         if keep is not None:  # a complete pass (an abandoned one never reaches here)
             self.cache = keep
+        if self.train and epoch < self.last_epoch:
+            self.ahead = Ahead(epoch + 1, self.stream(epoch + 1))
+
+    def stream(self, epoch: int):
+        """A new pass over this rank's shard: one Ray Data execution."""
+        import ray.train
+
+        shuffle = ({"local_shuffle_buffer_size": self.buffer,
+                    "local_shuffle_seed": self.seed * 1_000_003 + epoch} if self.train else {})
+        return ray.train.get_dataset_shard(self.split).iter_torch_batches(
+            batch_size=self.bs, drop_last=self.train, **shuffle)
 
 
 def shard_batches(t: Train):
