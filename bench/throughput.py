@@ -141,6 +141,14 @@ def ray_run(recipe, cfg, paths, path: str, storage: Path) -> tuple[float, dict]:
     with GpuUse(cfg.train.use_gpu) as use:
         fit = ray_train.fit(recipe, cfg.model, cfg.train, frame, storage=str(storage), run_name=f"bench-{path}",
                             verbose=False, stream=stream)
+    waits = fit.worker.get("data_waits", [])
+    for i, h in enumerate(fit.history if path == "ray_data" else []):  # where each epoch's seconds went
+        passes = {split: [w for w in waits if w["split"] == split][i] for split in ("train", "valid")
+                  if len([w for w in waits if w["split"] == split]) > i}  # rank 0's i-th pass of each
+        print(f"  epoch {h['epoch']}: {h['seconds']:5.1f} s; " + "; ".join(
+            f"{split} ({w['source']}): first batch after {w['first_batch_s'] or 0:4.1f} s, waited {w['wait_s']:4.1f} s of "
+            f"{w['seconds']:4.1f} s ({w['batches']} batches)" for split, w in sorted(passes.items(), reverse=True)),
+            flush=True)
     n_train = len(recipe.kind.usable(frame[~frame["is_valid"]]))
     steps = (n_train // cfg.train.bs) * cfg.train.bs  # drop_last, as the bare loop
     return steps * len(fit.history) / fit.train_seconds, fit.history[-1] | {"train_s": fit.train_seconds,

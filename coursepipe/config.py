@@ -315,6 +315,7 @@ class Train(Section):
     data_path: Literal["memory", "ray_data"]
     shuffle_buffer: int             # ray_data: rows in each rank's local shuffle buffer
     decode_cpus: float              # ray_data: CPUs each read / decode task reserves (fractions share)
+    valid_cache_mb: int             # ray_data: MB of decoded validation batches rank 0 keeps to score later epochs
     checkpoints_kept: int           # newest Ray checkpoints kept per run (older ones deleted)
 
     def __post_init__(self):
@@ -339,6 +340,8 @@ class Train(Section):
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, got {self.threads}")
         positive(self, "shuffle_buffer")
+        if self.valid_cache_mb < 0:
+            raise ConfigError(f"valid_cache_mb must be >= 0, got {self.valid_cache_mb}")
         if not 0.0 <= self.decode_cpus:
             raise ConfigError(f"decode_cpus must be >= 0, got {self.decode_cpus}")
         if self.max_failures < 0:

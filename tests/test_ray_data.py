@@ -88,20 +88,86 @@ def test_every_rank_takes_the_same_steps_and_validation_counts_each_row_once():
     assert [len(s) for s in v] == [11, 0] and list(v[1]()) == []
 
 
+class FakeShard:
+    """ray.train.get_dataset_shard's stand-in: 5 batches of (image, label), counting executions."""
+
+    def __init__(self):
+        self.executions = 0
+
+    def iter_torch_batches(self, batch_size, drop_last, **shuffle):
+        import torch
+        self.executions += 1
+        for i in range(5):
+            yield {"t0": torch.full((batch_size, 3, 4, 4), i, dtype=torch.uint8),
+                   "t1": torch.arange(batch_size) + 100 * i}
+
+
+@pytest.mark.parametrize("cache_mb, last_epoch, executions", [
+    (1, 3, 1),     # fits: streamed once, epochs 1-3 scored from the kept batches
+    (0, 3, 4),     # valid_cache_mb: 0: a Ray Data execution every epoch
+    (1, 0, 4),     # the only epoch: nothing is kept for an epoch that never comes
+])
+def test_the_validation_split_is_kept_once_and_scored_identically(monkeypatch, cache_mb, last_epoch,
+                                                                  executions):
+    import ray.train
+    from coursepipe.distributed import ray_train
+
+    shard = FakeShard()
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shard)
+    ray_train.DATA_WAITS.clear()
+    clock = {"epoch": 0}
+    valid = ShardBatches("valid", 40, 8, 0, 1, 0, False, 64, cache_bytes=cache_mb * 2 ** 20,
+                         last_epoch=last_epoch, clock=clock)
+    passes = []
+    for epoch in range(4):
+        clock["epoch"] = epoch
+        passes.append([tuple(x.tolist() for x in b) for b in valid()])
+    assert shard.executions == executions
+    assert all(p == passes[0] for p in passes) and len(passes[0]) == 5  # every row, same order
+    assert [w["source"] for w in ray_train.DATA_WAITS] == \
+        ["stream"] * executions + ["cache"] * (4 - executions)
+    assert [w["epoch"] for w in ray_train.DATA_WAITS] == [0, 1, 2, 3]
+
+
+def test_a_validation_split_over_the_bound_is_streamed_every_epoch(monkeypatch):
+    import ray.train
+
+    shard = FakeShard()
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shard)
+    one_batch = 8 * 3 * 4 * 4 + 8 * 8       # uint8 images + int64 labels
+    valid = ShardBatches("valid", 40, 8, 0, 1, 0, False, 64, cache_bytes=4 * one_batch, last_epoch=3)
+    for _ in range(3):
+        assert len(list(valid())) == 5
+    assert shard.executions == 3 and valid.cache is None  # 5 batches > 4 batches' bytes
+
+
 def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, tmp_path):
+    """Two runs: the second streams the validation split every epoch (valid_cache_mb: 0) where
+    the first scores epoch 1 from the batches it kept; the histories are equal."""
     from coursepipe.distributed import ray_train
     from coursepipe.stages import train
 
     cfg = streamed(project)
     frame, stream = train.load_frame(cfg, OWN, project)
-    runs = [ray_train.fit(OWN, cfg.model, cfg.train, frame, storage=str(tmp_path / f"s{i}"),
-                          run_name="stream", verbose=False, stream=stream) for i in range(2)]
+    runs = [ray_train.fit(OWN, cfg.model, config.evolve(cfg.train, valid_cache_mb=mb), frame,
+                          storage=str(tmp_path / f"s{mb}"), run_name="stream", verbose=False,
+                          stream=stream) for mb in (cfg.train.valid_cache_mb, 0)]
     a, b = (r.history for r in runs)
     assert [h["epoch"] for h in a] == [0, 1]
     assert [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in a] == \
         [(h["train_loss"], h["valid_loss"], h["accuracy"]) for h in b]
+    # rank 0's passes: a Ray Data execution of its train shard every epoch (the next one started
+    # when a train pass ends); of the validation split only in epoch 0 when it is kept
+    ahead = "stream, started ahead"
+    assert [(w["split"], w["epoch"], w["source"]) for w in runs[0].worker["data_waits"]] == \
+        [("train", 0, "stream"), ("valid", 0, "stream"), ("train", 1, ahead), ("valid", 1, "cache")]
+    assert [w["source"] for w in runs[1].worker["data_waits"]] == ["stream", "stream", ahead, "stream"]
+    t = cfg.train
+    assert all(w["batches"] == (48 // t.bs if w["split"] == "train" else -(-12 // t.valid_bs))
+               for r in runs for w in r.worker["data_waits"])           # every batch, every pass
     n_valid = 12                                                 # 20 % of 60 rows
     assert a[-1]["accuracy"] * n_valid == pytest.approx(round(a[-1]["accuracy"] * n_valid))  # each row once
     # it trains on what it streams (6 steps on 48 images: the loss, not yet the accuracy, moves;
     # that each row's tensors are the kind's own for that row is the first test's check)
     assert a[-1]["train_loss"] < a[0]["train_loss"]
+

@@ -33,6 +33,12 @@ RAY_ENV = {
     # 2 s, adult's 0.8 s epochs waited ~1 s each and fit() spent ~5 s more in teardown.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_AUTH_MODE": "disabled",  # local nodes: no token prompt or warning
+    # How long (ms) an idle worker process beyond the node's idle quota (its free CPUs) lives,
+    # default 1000. Ray Data's decode tasks (data_path: ray_data) import torch and the recipe's
+    # kind, seconds per process; between two epochs' executions they sat idle for longer than
+    # 1 s and were killed, so every epoch started them again (2-core box: 4.5-8 s of each
+    # epoch's first batch, 3.3 s with them kept; docs/RESULTS.md, issue 12).
+    "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
 
 

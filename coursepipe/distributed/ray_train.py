@@ -186,17 +186,92 @@ def datasets(recipe, m, t: Train, stream: Stream) -> dict:
             for name, valid in (("train", False), ("valid", True))}
 
 
+DATA_WAITS: list[dict] = []  # this worker process's DataWaits rows (worker_stats returns them)
+
+
+class DataWaits:
+    """Where a rank's pass over its shard spends its time: seconds until the first batch (Ray Data
+    execution start-up plus the first decoded block), seconds blocked waiting for batches in all,
+    and the pass's wall seconds (the rest is the training or scoring step). One row per pass;
+    `source` is `stream` (a Ray Data execution) or `cache` (the kept validation batches)."""
+
+    def __init__(self, split: str, epoch: int, source: str):
+        self.row = {"split": split, "epoch": epoch, "source": source, "batches": 0,
+                    "first_batch_s": None, "wait_s": 0.0, "seconds": 0.0}
+        DATA_WAITS.append(self.row)
+
+    def timed(self, batches):
+        t0 = t = time.perf_counter()
+        for b in batches:
+            now = time.perf_counter()
+            if self.row["first_batch_s"] is None:
+                self.row["first_batch_s"] = now - t0
+            self.row["wait_s"] += now - t
+            self.row["batches"] += 1
+            yield b
+            t = time.perf_counter()
+        self.row["wait_s"] += time.perf_counter() - t
+        self.row["seconds"] = time.perf_counter() - t0
+
+
+def held_bytes(batch: tuple) -> int:
+    """Bytes a batch keeps alive: its tensors' whole storages (a view pins all of its block)."""
+    return sum(x.untyped_storage().nbytes() for x in batch)
+
+
+class Ahead:
+    """The next epoch's pass over a train shard, started in a thread as soon as this epoch's pass
+    ends: its Ray Data execution starts up (the seconds before its first batch) while the rank
+    validates and reports. Same seed, same shard: only the time it starts differs."""
+
+    def __init__(self, epoch: int, batches):
+        import threading
+
+        self.epoch, self.it = epoch, iter(batches)
+        self.first, self.error, self.empty = None, None, False
+        self.thread = threading.Thread(target=self._fetch, name=f"epoch-{epoch}-ahead", daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self.first = next(self.it)
+        except StopIteration:
+            self.empty = True
+        except BaseException as e:  # noqa: BLE001 - raised where the batches are consumed
+            self.error = e
+
+    def batches(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if not self.empty:
+            yield self.first
+            yield from self.it
+
+
 class ShardBatches:
     """One rank's batches from Ray Data (Kind.batches' role on the streaming path).
 
     train: the rank's share of the split (Ray Train splits it equally, so every rank takes the
     same number of steps), reshuffled each epoch in a local buffer seeded by (seed, epoch).
     valid: rank 0 scores every validation row and the other ranks none (the metric sums are
-    added over ranks), so no row is dropped or counted twice."""
+    added over ranks), so no row is dropped or counted twice. Every Ray Data execution costs a
+    fixed start-up (seconds: tasks scheduled, decode processes started), so rank 0 keeps the
+    decoded validation batches of its first complete pass when they fit in `cache_bytes`
+    (`train.valid_cache_mb`) and another epoch follows, and scores every later epoch from them:
+    the same tensors in the same order as a stream would give (`preserve_order`). A split
+    larger than that is streamed every epoch; what is kept never exceeds `cache_bytes`. The
+    train shard's next epoch is started as soon as a train pass ends (`Ahead`), so its start-up
+    overlaps validation and the epoch's report."""
 
     def __init__(self, split: str, rows: int, bs: int, rank: int, world: int, seed: int,
-                 train: bool, buffer: int):
+                 train: bool, buffer: int, cache_bytes: int = 0, last_epoch: int = 0,
+                 clock: dict | None = None):
         self.split, self.seed, self.train, self.buffer = split, seed, train, buffer
+        self.cache_bytes, self.last_epoch = cache_bytes, last_epoch
+        self.clock = clock if clock is not None else {"epoch": 0}  # the latest train pass's epoch
+        self.cache: list[tuple] | None = None
+        self.ahead: Ahead | None = None
         if train:
             self.bs = max(1, bs // world)
             self.n = (rows // world) // self.bs
@@ -208,22 +283,56 @@ class ShardBatches:
         return self.n
 
     def __call__(self, epoch: int = 0):
+        if self.train:
+            self.clock["epoch"] = epoch
+        else:
+            epoch = self.clock["epoch"]  # the Learner validates after each train pass
         if self.n == 0:
             return
+        if self.cache is not None:
+            yield from DataWaits(self.split, epoch, "cache").timed(iter(self.cache))
+            return
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead.epoch != epoch:  # not the epoch it was started for (the
+            ahead = None                                # Learner runs epochs in order: never)
+        keep: list[tuple] | None = ([] if not self.train and self.cache_bytes > 0
+                                    and epoch < self.last_epoch else None)
+        size = 0
+        waits = DataWaits(self.split, epoch, "stream" if ahead is None else "stream, started ahead")
+        for b in waits.timed(ahead.batches() if ahead is not None else self.stream(epoch)):
+            batch = tuple(b[f"t{i}"] for i in range(len(b)))
+            if keep is not None:
+                size += held_bytes(batch)
+                if size <= self.cache_bytes:
+                    keep.append(batch)
+                else:
+                    keep = None  # too big to keep: this split streams every epoch
+            yield batch
+        if keep is not None:  # a complete pass (an abandoned one never reaches here)
+            self.cache = keep
+        if self.train and epoch < self.last_epoch:
+            self.ahead = Ahead(epoch + 1, self.stream(epoch + 1))
+
+    def stream(self, epoch: int):
+        """A new pass over this rank's shard: one Ray Data execution."""
         import ray.train
 
         shuffle = ({"local_shuffle_buffer_size": self.buffer,
                     "local_shuffle_seed": self.seed * 1_000_003 + epoch} if self.train else {})
-        shard = ray.train.get_dataset_shard(self.split)
-        for b in shard.iter_torch_batches(batch_size=self.bs, drop_last=self.train, **shuffle):
-            yield tuple(b[f"t{i}"] for i in range(len(b)))
+        return ray.train.get_dataset_shard(self.split).iter_torch_batches(
+            batch_size=self.bs, drop_last=self.train, **shuffle)
 
 
 def shard_batches(t: Train):
-    """program.Hooks.batches for the streaming path (Kind.batches' signature)."""
+    """program.Hooks.batches for the streaming path (Kind.batches' signature). The train and
+    valid sources share the epoch: the Learner calls valid_batches() without it."""
+    last = t.freeze_epochs + t.epochs - 1  # the run's last global epoch (fine_tune.phases)
+    clock = {"epoch": 0}
+
     def batches(recipe, processor, df, m, bs, rank, world, seed, train):
         return ShardBatches("train" if train else "valid", len(recipe.kind.usable(df)), bs, rank,
-                            world, seed, train, t.shuffle_buffer)
+                            world, seed, train, t.shuffle_buffer,
+                            cache_bytes=int(t.valid_cache_mb * 2 ** 20), last_epoch=last, clock=clock)
     return batches
 
 
@@ -237,11 +346,13 @@ def worker_stats(loop_started: float) -> dict:
             "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "loop_started": loop_started, "loop_ended": time.time(),
+            "data_waits": [dict(r) for r in DATA_WAITS],  # the streaming path's passes (DataWaits)
             "modules": sorted(m for m in sys.modules if m == "coursepipe" or m.startswith("coursepipe."))}
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
     started = time.time()  # wall clock, so the driver can split start-up from teardown
+    DATA_WAITS.clear()  # a restarted worker group may reuse this process
     import ray.train
     import ray.train.torch
 
