@@ -143,10 +143,14 @@ class Learner:
         self("before_validate")
         names = ["valid_loss", *self.metrics]
         sums = torch.zeros(len(names) * 2, device=self.device, dtype=torch.float64)
+        # the bare module, not DDP's wrapper: DDP's forward broadcasts buffers (a collective), and
+        # ranks may hold different numbers of validation batches (the streaming path scores them
+        # all on rank 0), so a wrapped forward would wait forever for ranks that have none
+        model = getattr(self.model, "module", self.model)
         for batch in self.valid_batches():
             *xb, yb = self._to(batch)
             with self._autocast():
-                pred = self.model(*xb).float()
+                pred = model(*xb).float()
             sums[0] += self.loss_func(pred, yb).double() * len(yb)
             sums[1] += len(yb)
             for i, fn in enumerate(self.metrics.values(), start=1):
