@@ -184,3 +184,47 @@ def test_rng_state_round_trips_through_plain_values():
     program.set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def _validate_rank(rank: int, store: str, out: str) -> None:
+    """One DDP rank: rank 0 holds every validation batch, rank 1 none (the streaming path)."""
+    import torch.distributed as dist
+
+    from coursepipe.learn.loop import Learner
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)))
+    x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
+    valid = (lambda: [(x[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4)]) if rank == 0 else (lambda: [])
+
+    def reduce(t):
+        dist.all_reduce(t)
+        return t
+    learn = Learner(model, lambda e: [], valid, nn.CrossEntropyLoss(),
+                    torch.optim.SGD(model.parameters(), lr=0.1), reduce=reduce)
+    res = learn.validate()
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(repr(res["valid_loss"]))
+    dist.destroy_process_group()
+
+
+def test_ranks_with_unequal_validation_batches_do_not_wait_on_each_other(tmp_path):
+    """DDP's wrapped forward broadcasts buffers (a collective): validation scoring through it hung
+    when one rank had batches and the other none."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_validate_rank, args=(r, str(tmp_path / "store"), str(tmp_path / "loss")))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(alive), "validation hung: a rank waited in a collective the other never joined"
+    assert all(p.exitcode == 0 for p in procs)
+    losses = {(tmp_path / f"loss.{r}").read_text() for r in (0, 1)}
+    assert len(losses) == 1   # both ranks report the same summed loss
