@@ -22,7 +22,7 @@ import torch
 
 from coursepipe.config import Train
 from coursepipe.learn.callbacks import EpochTable, ParamScheduler, Recorder, Timer
-from coursepipe.learn.fine_tune import BodyBatchNorm, Phase, freeze_to, lr_scales, phases
+from coursepipe.learn.fine_tune import BodyBatchNorm, Phase, freeze_to, lr_scales
 from coursepipe.learn.loop import Callback, Learner, local_sum
 from coursepipe.learn.schedule import one_cycle_lr, one_cycle_mom
 
