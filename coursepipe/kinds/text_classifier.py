@@ -113,8 +113,9 @@ class TextClassification(Kind):
         return df[df[DUP] == ""] if DUP in df.columns else df
 
     def fit_processor(self, recipe, train, m: TextClassifierModel) -> dict:
-        """The vocabulary is the language model's (start_from matches it otherwise); here the
-        training texts' own, so a model can also be built without one (tests, load)."""
+        """The training texts' own vocabulary; start_from maps the language model's embedding rows
+        onto it by word. (fastai gives the classifier the LM's vocabulary instead, which also
+        covers words seen only in unlabelled texts; here those become xxunk.)"""
         from coursepipe.text.tokenizer import make_vocab, text_tokens
         itos = make_vocab(text_tokens({"bos_each": True}, train[TEXT]), m.min_freq, m.max_vocab)
         return {"task": "classify", "itos": itos, "text_column": TEXT,
