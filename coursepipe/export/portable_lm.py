@@ -166,13 +166,18 @@ def run_ids(sess, x: np.ndarray) -> np.ndarray:
     return logits
 
 
-def padded(state: dict, texts) -> np.ndarray:
-    """A classifier's input: each text's ids (xxbos first), right-padded with xxpad."""
-    seqs = [numericalize(tokenize(str(t)), state["itos"]) for t in texts]
-    out = np.full((len(seqs), max(len(s) for s in seqs)), state["itos"].index(PAD), np.int64)
+def pad_right(seqs: list[np.ndarray], pad_id: int) -> np.ndarray:
+    """(B, longest) int64, each row its ids then pad_id."""
+    out = np.full((len(seqs), max(len(s) for s in seqs)), pad_id, np.int64)
     for i, s in enumerate(seqs):
         out[i, :len(s)] = s
     return out
+
+
+def padded(state: dict, texts) -> np.ndarray:
+    """A classifier's input: each text's ids (xxbos first), right-padded with xxpad."""
+    return pad_right([numericalize(tokenize(str(t)), state["itos"]) for t in texts],
+                     state["itos"].index(PAD))
 
 
 def classify(sess, state: dict, texts, bs: int = 16) -> np.ndarray:

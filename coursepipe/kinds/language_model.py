@@ -162,15 +162,12 @@ class LanguageModel(Kind):
     def start_from(self, recipe, m, model, processor: dict, upstream: dict) -> None:
         """ULMFiT's fine-tune step: another AWD-LSTM language model's weights, its embedding
         (and the tied decoder) matched to this vocabulary by word, the decoder bias likewise."""
-        from coursepipe.models.awd_lstm import match_embeds
+        from coursepipe.models.awd_lstm import lm_state
         if not isinstance(m, AWDLSTMModel) or upstream["processor"].get("arch") != "awd_lstm":
             raise ValueError("starts_from: only an AWD-LSTM language model can start from another "
                              "recipe's model, and only from an AWD-LSTM language model")
-        state, old, new = dict(upstream["state_dict"]), upstream["processor"]["itos"], processor["itos"]
-        for key in ("encoder.encoder.weight", "head.decoder.weight"):
-            state[key] = match_embeds(state[key], old, new)
-        state["head.decoder.bias"] = match_embeds(state["head.decoder.bias"][:, None], old, new)[:, 0]
-        model.load_state_dict(state)
+        model.load_state_dict(lm_state(upstream["state_dict"], upstream["processor"]["itos"],
+                                       processor["itos"]))
 
     def loss_func(self, m):
         from coursepipe.models.rnn import lm_loss

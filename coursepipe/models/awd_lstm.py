@@ -215,6 +215,16 @@ def match_embeds(weight: torch.Tensor, old_itos: list[str], new_itos: list[str])
     return torch.stack(rows)
 
 
+def lm_state(state: dict, old_itos: list[str], new_itos: list[str]) -> dict:
+    """An AWD-LSTM language model's state_dict for a new vocabulary: the embedding, the tied
+    decoder and its bias matched by word."""
+    state = dict(state)
+    for key in ("encoder.encoder.weight", "head.decoder.weight"):
+        state[key] = match_embeds(state[key], old_itos, new_itos)
+    state["head.decoder.bias"] = match_embeds(state["head.decoder.bias"][:, None], old_itos, new_itos)[:, 0]
+    return state
+
+
 def encoder_state(state: dict, prefix: str, old_itos: list[str], new_itos: list[str]) -> dict:
     """The encoder's weights from a state_dict (keys under `prefix`), embedding matched to new_itos."""
     out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

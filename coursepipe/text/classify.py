@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from coursepipe.export import portable_lm
 from coursepipe.export.portable_lm import PAD, numericalize, tokenize
 
 
@@ -20,11 +21,8 @@ def encode(itos: list[str], texts) -> list[np.ndarray]:
 
 
 def pad_right(seqs: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """(B, longest) int64, each row its ids then pad_id."""
-    out = np.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=np.int64)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = s
-    return torch.from_numpy(out)
+    """(B, longest) int64, each row its ids then pad_id (the exported predictor's padding)."""
+    return torch.from_numpy(portable_lm.pad_right(seqs, pad_id))
 
 
 def sortish_batches(lengths: np.ndarray, bs: int, rng: np.random.Generator, chunk: int) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from coursepipe.learn.loop import Callback
-from coursepipe.models.awd_lstm import match_embeds
+from coursepipe.models.awd_lstm import lm_state
 from coursepipe.models.transfer import WeightsError, resolve
 
 
@@ -69,12 +69,8 @@ def read_fastai_lm(archive: Path) -> tuple[dict, list[str]]:
 
 def load_into(model, state: dict, itos: list[str], new_itos: list[str], source: str) -> None:
     """Copy the pretrained weights into an AWDLanguageModel, rows matched to new_itos."""
-    state = dict(state)
-    for key in ("encoder.encoder.weight", "head.decoder.weight"):
-        state[key] = match_embeds(state[key], itos, new_itos)
-    state["head.decoder.bias"] = match_embeds(state["head.decoder.bias"][:, None], itos, new_itos)[:, 0]
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(lm_state(state, itos, new_itos))
     except RuntimeError as e:
         detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise WeightsError(f"weights {source}: does not fit this model section ({detail}; fastai's "
