@@ -127,6 +127,12 @@ class Kind(abc.ABC):
         from coursepipe.learn.fine_tune import phases
         return phases(t)
 
+    def processor_from(self, processor: dict, upstream: dict) -> dict:
+        """The processor of a run that starts from `upstream` (another recipe's bundle), before
+        the model is built: ULMFiT's classifier takes its language model's vocabulary. Default:
+        the fitted one, unchanged."""
+        return processor
+
     def start_from(self, recipe: "Recipe", m, model, processor: dict, upstream: dict) -> None:
         """Load another recipe's trained model into `model` before training (params
         `recipes.<r>.starts_from: models/<other>`; ULMFiT's LM fine-tune and classifier).

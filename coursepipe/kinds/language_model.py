@@ -55,6 +55,9 @@ class AWDLSTMModel(Section):
     input_p: float             # variational dropout on the embedded input
     hidden_p: float            # ... between LSTM layers
     output_p: float            # ... before the decoder
+    # the embedding's (and tied decoder's) init, uniform(-embed_init, embed_init). fastai's 0.1 sat
+    # at the unigram for a CPU budget's first thousand steps from scratch (docs/RESULTS.md, imdb)
+    embed_init: float
     seq_len: int               # bptt
     min_freq: int              # vocabulary: rarer words become xxunk
     max_vocab: int
@@ -63,6 +66,8 @@ class AWDLSTMModel(Section):
         if self.arch != "awd_lstm":
             raise ConfigError(f"arch: {self.arch!r}: this section is the AWD-LSTM's (awd_lstm)")
         positive(self, "emb_sz", "n_hid", "n_layers", "seq_len", "min_freq", "max_vocab")
+        if not self.embed_init > 0:
+            raise ConfigError(f"embed_init: the embedding's uniform init range must be > 0, got {self.embed_init}")
         for name in ("drop_mult", "embed_p", "weight_p", "input_p", "hidden_p", "output_p"):
             p = getattr(self, name)
             if not 0 <= p < (10 if name == "drop_mult" else 1):
@@ -95,7 +100,7 @@ def awd_encoder(vocab: int, pad_id: int, m) -> "object":
     from coursepipe.models.awd_lstm import AWDLSTM
     p = m.ps()
     return AWDLSTM(vocab, m.emb_sz, m.n_hid, m.n_layers, pad_id, p["embed_p"], p["weight_p"],
-                   p["input_p"], p["hidden_p"])
+                   p["input_p"], p["hidden_p"], m.embed_init)
 
 
 class LanguageModel(Kind):

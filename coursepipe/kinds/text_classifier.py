@@ -45,6 +45,9 @@ class TextClassifierModel(AWDLSTMModel):
     gradual-unfreezing plan (the train section is shared by every kind, so the plan is here)."""
     lin_ftrs: tuple[int, ...]  # hidden sizes of the head (fastai: [50])
     head_ps: tuple[float, ...] # dropout before each head layer (fastai: [output_p, 0.1])
+    # batch: fastai's BatchNorm1d before each head layer; none: no batch statistics (docs/RESULTS.md,
+    # imdb: with a weakly trained encoder and length-sorted batches, eval-mode BN lost the class)
+    head_norm: Literal["batch", "none"]
     max_len: int               # tokens at the end of a text that the backward pass reaches
     # gradual unfreezing: [epochs, lr] per step; step i trains the last i + 1 param groups
     # (head, then the LSTM layers from the top), the last step everything (freeze_to(-2), ...)
@@ -113,13 +116,17 @@ class TextClassification(Kind):
         return df[df[DUP] == ""] if DUP in df.columns else df
 
     def fit_processor(self, recipe, train, m: TextClassifierModel) -> dict:
-        """The training texts' own vocabulary; start_from maps the language model's embedding rows
-        onto it by word. (fastai gives the classifier the LM's vocabulary instead, which also
-        covers words seen only in unlabelled texts; here those become xxunk.)"""
+        """The training texts' own vocabulary: used only when the classifier starts from no
+        language model (processor_from swaps in the LM's)."""
         from coursepipe.text.tokenizer import make_vocab, text_tokens
         itos = make_vocab(text_tokens({"bos_each": True}, train[TEXT]), m.min_freq, m.max_vocab)
         return {"task": "classify", "itos": itos, "text_column": TEXT,
                 "classes": list(recipe.schema.classes), "target": recipe.schema.target}
+
+    def processor_from(self, processor: dict, upstream: dict) -> dict:
+        """fastai's text_classifier_learner: the language model's vocabulary, so every word it
+        learned (from unlabelled texts too) keeps its trained embedding instead of xxunk."""
+        return {**processor, "itos": list(upstream["processor"]["itos"])}
 
     def _xy(self, processor: dict, df):
         import torch
@@ -144,7 +151,7 @@ class TextClassification(Kind):
         from coursepipe.text.classify import pad_id
         pad = pad_id(processor["itos"])
         return TextClassifier(awd_encoder(len(processor["itos"]), pad, m), len(processor["classes"]),
-                              m.lin_ftrs, m.head_ps, pad, m.seq_len, m.max_len)
+                              m.lin_ftrs, m.head_ps, pad, m.seq_len, m.max_len, m.head_norm)
 
     def start_from(self, recipe, m, model, processor: dict, upstream: dict) -> None:
         """The fine-tuned language model's encoder (fastai's load_encoder), embedding matched."""

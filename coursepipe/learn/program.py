@@ -135,7 +135,11 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
     seed_everything(t.seed)
     kind = recipe.kind
     train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
-    processor = hooks.processor if hooks.processor is not None else kind.fit_processor(recipe, train_df, m)
+    processor = hooks.processor
+    if processor is None:
+        processor = kind.fit_processor(recipe, train_df, m)
+        if hooks.upstream is not None:
+            processor = kind.processor_from(processor, hooks.upstream)
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = kind.build_model(recipe, processor, m)
     if hooks.upstream is not None:  # a resumed run's checkpoint replaces these weights after

@@ -79,11 +79,12 @@ class AWDLSTM(StateMixin, nn.Module):
     chunks), else each call starts from zeros."""
 
     def __init__(self, vocab: int, emb_sz: int, n_hid: int, n_layers: int, pad_id: int,
-                 embed_p: float, weight_p: float, input_p: float, hidden_p: float):
+                 embed_p: float, weight_p: float, input_p: float, hidden_p: float,
+                 embed_init: float = 0.1):
         super().__init__()
         self.emb_sz, self.n_hid, self.n_layers = emb_sz, n_hid, n_layers
         self.encoder = nn.Embedding(vocab, emb_sz, padding_idx=pad_id)
-        self.encoder.weight.data.uniform_(-0.1, 0.1)   # fastai's initrange
+        self.encoder.weight.data.uniform_(-embed_init, embed_init)   # fastai's initrange: 0.1
         self.encoder_dp = EmbeddingDropout(self.encoder, embed_p)
         sizes = [emb_sz] + [n_hid] * (n_layers - 1) + [emb_sz]
         self.rnns = nn.ModuleList(WeightDropLSTM(sizes[i], sizes[i + 1], weight_p)
@@ -156,13 +157,14 @@ class TextClassifier(nn.Module):
     """ids (B, T), right-padded with pad_id -> class logits (B, n_classes)."""
 
     def __init__(self, encoder: AWDLSTM, n_classes: int, lin_ftrs: list[int], ps: list[float],
-                 pad_id: int, bptt: int, max_len: int):
+                 pad_id: int, bptt: int, max_len: int, norm: str = "batch"):
         super().__init__()
         self.encoder, self.pad_id, self.bptt, self.max_len = encoder, pad_id, bptt, max_len
         sizes = [encoder.emb_sz * 3, *lin_ftrs, n_classes]
         layers = []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers += [nn.BatchNorm1d(n_in), nn.Dropout(ps[i]), nn.Linear(n_in, n_out)]
+            layers += [nn.BatchNorm1d(n_in)] if norm == "batch" else []
+            layers += [nn.Dropout(ps[i]), nn.Linear(n_in, n_out)]
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU(inplace=True))
         self.head = nn.Sequential(*layers)
