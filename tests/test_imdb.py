@@ -107,6 +107,17 @@ def test_classifier_ignores_padding_and_chunks_equal_one_pass():
     assert torch.allclose(one, chunked, atol=1e-5)
 
 
+def test_embedding_init_is_a_param():
+    enc = AWDLSTM(500, 16, 24, 2, pad_id=1, embed_p=0.0, weight_p=0.0, input_p=0.0, hidden_p=0.0,
+                  embed_init=1.0)
+    w = enc.encoder.weight.detach()
+    assert 0.9 < float(w.abs().max()) <= 1.0 and float(w.abs().mean()) > 0.4   # uniform(-1, 1)
+    raw = tiny_params()
+    raw["recipes"]["imdb_lm"]["model"]["embed_init"] = 0.0
+    with pytest.raises(config.ConfigError, match="embed_init"):
+        config.parse(raw, recipes.Registry())
+
+
 def test_match_embeds_keeps_known_words_and_gives_new_ones_the_mean():
     w = torch.arange(6.0).reshape(3, 2)
     out = match_embeds(w, ["a", "b", "c"], ["c", "new", "a"])
@@ -203,10 +214,13 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
         assert abs(out["probability"] - float(lines[0].split("\t")[1])) < 1e-3
         bad = httpx.post(f"{base}/api/models/imdb/predict", json={"inputs": [{"text": 3}]})
         assert bad.status_code == 422 and "inputs[0].text" in bad.text
+    # fastai's text_classifier_learner: the classifier reads with its language model's vocabulary
+    from coursepipe.stages import train
+    itos = {n: train.read_bundle(project.model(n) / "model.pt")["processor"]["itos"] for n in CHAIN[1:]}
+    assert itos["imdb"] == itos["imdb_lm"]
     # the classifier's encoder started from imdb_lm's: a missing upstream model is a clear error
     import shutil
     shutil.rmtree(project.model("imdb_lm"))
-    from coursepipe.stages import train
     with pytest.raises(FileNotFoundError, match=r"recipes\.imdb\.starts_from: models/imdb_lm/model\.pt is missing"):
         train.upstream_model(project, load_cfg(project, "imdb"))
 

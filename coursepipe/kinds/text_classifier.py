@@ -45,9 +45,6 @@ class TextClassifierModel(AWDLSTMModel):
     gradual-unfreezing plan (the train section is shared by every kind, so the plan is here)."""
     lin_ftrs: tuple[int, ...]  # hidden sizes of the head (fastai: [50])
     head_ps: tuple[float, ...] # dropout before each head layer (fastai: [output_p, 0.1])
-    # batch: fastai's BatchNorm1d before each head layer; none: no batch statistics (docs/RESULTS.md,
-    # imdb: with a weakly trained encoder and length-sorted batches, eval-mode BN lost the class)
-    head_norm: Literal["batch", "none"]
     max_len: int               # tokens at the end of a text that the backward pass reaches
     # gradual unfreezing: [epochs, lr] per step; step i trains the last i + 1 param groups
     # (head, then the LSTM layers from the top), the last step everything (freeze_to(-2), ...)
@@ -151,7 +148,7 @@ class TextClassification(Kind):
         from coursepipe.text.classify import pad_id
         pad = pad_id(processor["itos"])
         return TextClassifier(awd_encoder(len(processor["itos"]), pad, m), len(processor["classes"]),
-                              m.lin_ftrs, m.head_ps, pad, m.seq_len, m.max_len, m.head_norm)
+                              m.lin_ftrs, m.head_ps, pad, m.seq_len, m.max_len)
 
     def start_from(self, recipe, m, model, processor: dict, upstream: dict) -> None:
         """The fine-tuned language model's encoder (fastai's load_encoder), embedding matched."""

@@ -157,14 +157,13 @@ class TextClassifier(nn.Module):
     """ids (B, T), right-padded with pad_id -> class logits (B, n_classes)."""
 
     def __init__(self, encoder: AWDLSTM, n_classes: int, lin_ftrs: list[int], ps: list[float],
-                 pad_id: int, bptt: int, max_len: int, norm: str = "batch"):
+                 pad_id: int, bptt: int, max_len: int):
         super().__init__()
         self.encoder, self.pad_id, self.bptt, self.max_len = encoder, pad_id, bptt, max_len
         sizes = [encoder.emb_sz * 3, *lin_ftrs, n_classes]
         layers = []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers += [nn.BatchNorm1d(n_in)] if norm == "batch" else []
-            layers += [nn.Dropout(ps[i]), nn.Linear(n_in, n_out)]
+            layers += [nn.BatchNorm1d(n_in), nn.Dropout(ps[i]), nn.Linear(n_in, n_out)]
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU(inplace=True))
         self.head = nn.Sequential(*layers)
