@@ -127,11 +127,11 @@ class Kind(abc.ABC):
         from coursepipe.learn.fine_tune import phases
         return phases(t)
 
-    def processor_from(self, processor: dict, upstream: dict) -> dict:
-        """The processor of a run that starts from `upstream` (another recipe's bundle), before
-        the model is built: ULMFiT's classifier takes its language model's vocabulary. Default:
-        the fitted one, unchanged."""
-        return processor
+    def processor_from(self, recipe: "Recipe", train, m, upstream: dict) -> dict:
+        """The processor of a run that starts from `upstream` (another recipe's bundle), in place
+        of fit_processor: ULMFiT's classifier takes its language model's vocabulary instead of
+        fitting one. Default: fit_processor's."""
+        return self.fit_processor(recipe, train, m)
 
     def start_from(self, recipe: "Recipe", m, model, processor: dict, upstream: dict) -> None:
         """Load another recipe's trained model into `model` before training (params

@@ -113,17 +113,21 @@ class TextClassification(Kind):
         return df[df[DUP] == ""] if DUP in df.columns else df
 
     def fit_processor(self, recipe, train, m: TextClassifierModel) -> dict:
-        """The training texts' own vocabulary: used only when the classifier starts from no
-        language model (processor_from swaps in the LM's)."""
+        """The training texts' own vocabulary: only for a classifier that starts from no language
+        model (processor_from takes the LM's, without tokenising the texts for a vocabulary)."""
         from coursepipe.text.tokenizer import make_vocab, text_tokens
-        itos = make_vocab(text_tokens({"bos_each": True}, train[TEXT]), m.min_freq, m.max_vocab)
-        return {"task": "classify", "itos": itos, "text_column": TEXT,
-                "classes": list(recipe.schema.classes), "target": recipe.schema.target}
+        return self._processor(recipe, make_vocab(text_tokens({"bos_each": True}, train[TEXT]),
+                                                  m.min_freq, m.max_vocab))
 
-    def processor_from(self, processor: dict, upstream: dict) -> dict:
+    def processor_from(self, recipe, train, m: TextClassifierModel, upstream: dict) -> dict:
         """fastai's text_classifier_learner: the language model's vocabulary, so every word it
         learned (from unlabelled texts too) keeps its trained embedding instead of xxunk."""
-        return {**processor, "itos": list(upstream["processor"]["itos"])}
+        return self._processor(recipe, list(upstream["processor"]["itos"]))
+
+    @staticmethod
+    def _processor(recipe, itos: list[str]) -> dict:
+        return {"task": "classify", "itos": itos, "text_column": TEXT,
+                "classes": list(recipe.schema.classes), "target": recipe.schema.target}
 
     def _xy(self, processor: dict, df):
         import torch

@@ -137,9 +137,8 @@ def build(recipe, m, t: Train, frame: pd.DataFrame, hooks: Hooks, history: list[
     train_df, valid_df = frame[~frame["is_valid"]], frame[frame["is_valid"]]
     processor = hooks.processor
     if processor is None:
-        processor = kind.fit_processor(recipe, train_df, m)
-        if hooks.upstream is not None:
-            processor = kind.processor_from(processor, hooks.upstream)
+        processor = (kind.fit_processor(recipe, train_df, m) if hooks.upstream is None
+                     else kind.processor_from(recipe, train_df, m, hooks.upstream))
     fmt = torch.channels_last if t.channels_last else torch.contiguous_format
     model = kind.build_model(recipe, processor, m)
     if hooks.upstream is not None:  # a resumed run's checkpoint replaces these weights after
