@@ -126,6 +126,7 @@ def bare(recipe, m, t, frame, epochs: int, loader_workers: int) -> tuple[float, 
         if t.use_gpu:
             torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    print(f"bare loop: {seconds:.1f} s for {epochs} epochs", flush=True)
     return seen / seconds, correct / len(valid_df), use
 
 
@@ -152,6 +153,7 @@ def ray_run(recipe, cfg, paths, path: str, storage: Path) -> tuple[float, dict]:
     n_train = len(recipe.kind.usable(frame[~frame["is_valid"]]))
     steps = (n_train // cfg.train.bs) * cfg.train.bs  # drop_last, as the bare loop
     return steps * len(fit.history) / fit.train_seconds, fit.history[-1] | {"train_s": fit.train_seconds,
+                                                                            "wall_s": fit.wall_seconds,
                                                                             "gpu": use}
 
 
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.paths:
         rates[path], last = ray_run(recipe, cfg, paths, path, root / ".runs")
         print(f"ray_train.fit, {path:8s}: {rates[path]:7.1f} images/s (valid accuracy {last['accuracy']:.3f}"
-              f"{last['gpu']})", flush=True)
+              f"{last['gpu']}); fit() wall {last['wall_s']:.1f} s, of which epochs {last['train_s']:.1f} s",
+              flush=True)
     print("; ".join(f"ratio {path} / bare = {rate / rate_bare:.2f}x" for path, rate in rates.items())
           + " (issue 12's goal for ray_data: >= 0.9x)")
     if args.mnist:

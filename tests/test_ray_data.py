@@ -129,6 +129,36 @@ def test_the_validation_split_is_kept_once_and_scored_identically(monkeypatch, c
     assert [w["epoch"] for w in ray_train.DATA_WAITS] == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("cache_mb, valid_sources", [
+    (1, ["stream, started ahead", "cache", "cache"]),   # kept after epoch 0: started ahead once
+    (0, ["stream, started ahead"] * 3),                 # streamed every epoch: started every epoch
+])
+def test_a_streamed_validation_pass_starts_once_its_train_pass_has_a_batch(monkeypatch, cache_mb,
+                                                                           valid_sources):
+    import ray.train
+    from coursepipe.distributed import ray_train
+
+    shards = {"train": FakeShard(), "valid": FakeShard()}
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
+    ray_train.DATA_WAITS.clear()
+    clock, siblings = {"epoch": 0}, {}
+    train = ShardBatches("train", 40, 8, 0, 1, 0, True, 64, last_epoch=2, clock=clock, siblings=siblings)
+    valid = ShardBatches("valid", 40, 8, 0, 1, 0, False, 64, cache_bytes=cache_mb * 2 ** 20,
+                         last_epoch=2, clock=clock, siblings=siblings)
+    for epoch in range(3):
+        batches = train(epoch)
+        next(batches)
+        assert valid.ahead is None  # not yet: the train pass's execution comes first
+        next(batches)
+        if valid.cache is None:  # the validation execution began before the train pass's end
+            valid.ahead.thread.join()
+            assert valid.ahead.epoch == epoch and shards["valid"].executions == epoch + 1
+        assert len(list(batches)) == 3
+        assert len(list(valid())) == 5
+    assert [w["source"] for w in ray_train.DATA_WAITS if w["split"] == "valid"] == valid_sources
+    assert shards["valid"].executions == valid_sources.count("stream, started ahead")
+
+
 def test_a_validation_split_over_the_bound_is_streamed_every_epoch(monkeypatch):
     import ray.train
 
@@ -160,8 +190,8 @@ def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, 
     # when a train pass ends); of the validation split only in epoch 0 when it is kept
     ahead = "stream, started ahead"
     assert [(w["split"], w["epoch"], w["source"]) for w in runs[0].worker["data_waits"]] == \
-        [("train", 0, "stream"), ("valid", 0, "stream"), ("train", 1, ahead), ("valid", 1, "cache")]
-    assert [w["source"] for w in runs[1].worker["data_waits"]] == ["stream", "stream", ahead, "stream"]
+        [("train", 0, "stream"), ("valid", 0, ahead), ("train", 1, ahead), ("valid", 1, "cache")]
+    assert [w["source"] for w in runs[1].worker["data_waits"]] == ["stream", ahead, ahead, ahead]
     t = cfg.train
     assert all(w["batches"] == (48 // t.bs if w["split"] == "train" else -(-12 // t.valid_bs))
                for r in runs for w in r.worker["data_waits"])           # every batch, every pass

@@ -262,12 +262,16 @@ class ShardBatches:
     the same tensors in the same order as a stream would give (`preserve_order`). A split
     larger than that is streamed every epoch; what is kept never exceeds `cache_bytes`. The
     train shard's next epoch is started as soon as a train pass ends (`Ahead`), so its start-up
-    overlaps validation and the epoch's report."""
+    overlaps validation and the epoch's report; a validation pass that streams is started once
+    its epoch's train pass has its first batch (`siblings`: the rank's ShardBatches by split),
+    so its start-up overlaps training, not the train execution's own start-up."""
 
     def __init__(self, split: str, rows: int, bs: int, rank: int, world: int, seed: int,
                  train: bool, buffer: int, cache_bytes: int = 0, last_epoch: int = 0,
-                 clock: dict | None = None):
+                 clock: dict | None = None, siblings: dict | None = None):
         self.split, self.seed, self.train, self.buffer = split, seed, train, buffer
+        self.siblings = siblings if siblings is not None else {}
+        self.siblings[split] = self
         self.cache_bytes, self.last_epoch = cache_bytes, last_epoch
         self.clock = clock if clock is not None else {"epoch": 0}  # the latest train pass's epoch
         self.cache: list[tuple] | None = None
@@ -308,10 +312,19 @@ class ShardBatches:
                 else:
                     keep = None  # too big to keep: this split streams every epoch
             yield batch
+            if self.train and waits.row["batches"] == 1 and "valid" in self.siblings:
+                # after the first batch: not while this pass's own execution starts up
+                self.siblings["valid"].start_ahead(epoch)
         if keep is not None:  # a complete pass (an abandoned one never reaches here)
             self.cache = keep
         if self.train and epoch < self.last_epoch:
-            self.ahead = Ahead(epoch + 1, self.stream(epoch + 1))
+            self.start_ahead(epoch + 1)
+
+    def start_ahead(self, epoch: int) -> None:
+        """Start this rank's pass of `epoch` now, in a thread, unless it has no batches, is
+        scored from the kept ones, or is already started."""
+        if self.n and self.cache is None and self.ahead is None:
+            self.ahead = Ahead(epoch, self.stream(epoch))
 
     def stream(self, epoch: int):
         """A new pass over this rank's shard: one Ray Data execution."""
@@ -327,12 +340,13 @@ def shard_batches(t: Train):
     """program.Hooks.batches for the streaming path (Kind.batches' signature). The train and
     valid sources share the epoch: the Learner calls valid_batches() without it."""
     last = t.freeze_epochs + t.epochs - 1  # the run's last global epoch (fine_tune.phases)
-    clock = {"epoch": 0}
+    clock, siblings = {"epoch": 0}, {}
 
     def batches(recipe, processor, df, m, bs, rank, world, seed, train):
         return ShardBatches("train" if train else "valid", len(recipe.kind.usable(df)), bs, rank,
                             world, seed, train, t.shuffle_buffer,
-                            cache_bytes=int(t.valid_cache_mb * 2 ** 20), last_epoch=last, clock=clock)
+                            cache_bytes=int(t.valid_cache_mb * 2 ** 20), last_epoch=last, clock=clock,
+                            siblings=siblings)
     return batches
 
 
