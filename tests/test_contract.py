@@ -178,9 +178,14 @@ def test_the_run_summary_shows_metric_course_result_and_seconds(tmp_path):
     paths.metrics("adult").write_text(json.dumps({"accuracy": 0.8326, "n_valid": 6512}))
     paths.model("adult").mkdir(parents=True)
     (paths.model("adult") / "train.json").write_text(json.dumps({"train_seconds": 0.81}))
-    rows = summary.rows(paths, [recipes.get("adult"), recipes.get("movielens")])
-    assert rows[0] == {"recipe": "adult", "metric": "accuracy", "value": 0.8326, "course": 0.82, "train_s": 0.81}
-    assert rows[1]["metric"] == "mse" and rows[1]["value"] is None
+    paths.metrics("imdb_lm").write_text(json.dumps({"accuracy": 0.26, "perplexity": 91.0}))
+    rows = summary.rows(paths, [recipes.get("adult"), recipes.get("movielens"), recipes.get("imdb_lm")])
+    assert rows[0] == {"recipe": "adult", "metric": "accuracy", "value": 0.8326, "course": 0.82, "train_s": 0.81,
+                       "ran": True}
+    assert rows[1]["metric"] == "mse" and rows[1]["value"] is None and not rows[1]["ran"]
     text = summary.table(rows).splitlines()
     assert text[1].split() == ["adult", "accuracy", "0.8326", "0.820", "0.8"]
-    assert "not run" in text[2] and len(text) == 3 and max(map(len, text)) <= 60
+    assert text[2].split() == ["movielens", "mse", "not", "run", "0.815", "not", "run"]
+    # a language model of the ULMFiT chain ran, but the course states no result for it
+    assert text[3].split() == ["imdb_lm", "-", "-", "-", "not", "run"]
+    assert len(text) == 4 and max(map(len, text)) <= 60
