@@ -44,6 +44,22 @@ def test_warm_cluster_is_joined_and_stopped_even_when_the_run_fails(validated):
     assert refused(address), f"the head at {address} is still up"
 
 
+def test_a_stopped_head_drains_and_stops_in_seconds(tmp_path):
+    """Node.stop signals `ray start` alone, whose SIGTERM handler drains the node through the
+    GCS; signalling the whole group took the GCS down first and the drain request waited out
+    Ray's 30 s drain timeout (the stop below would then SIGKILL at 20 s, and the log says so)."""
+    head = cluster.start_head(num_cpus=1, dashboard=False)
+    try:
+        driver = ("import ray; ray.init(address=%r); "
+                  "print(ray.get(ray.remote(lambda: 41 + 1).remote()))" % head.address)
+        assert "42" in sh([sys.executable, "-c", driver], cwd=tmp_path).stdout.splitlines()
+    finally:
+        head.stop(timeout=20)
+    log = (Path(head.temp_dir) / "node.log").read_text(errors="replace")
+    assert "finished draining" in log and "Failed to mark the local node as draining" not in log, log[-2000:]
+    assert refused(head.address)
+
+
 def alive_worker_nodes(address: str) -> set[str]:
     """Node ids of the live Ray Train worker actors (the State API of the head's dashboard)."""
     out = subprocess.run([cluster.ray_cli(), "list", "actors", "--format=json", "--limit=1000",
