@@ -55,7 +55,8 @@ def course_all(root: str = ".", recipes: list[str] | None = None,
     root = str(Path(root).resolve())
     names = recipes or list(load(Paths(root).params).recipes)
     with cluster.warm() if warm_cluster else contextlib.nullcontext():
-        return {name: course(name, root) for name in names}
+        # the subflows join this run's head (RAY_ADDRESS) or, without it, start none either
+        return {name: course(name, root, warm_cluster=warm_cluster) for name in names}
 
 
 def main(argv: list[str] | None = None) -> None:

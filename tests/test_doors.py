@@ -63,6 +63,23 @@ def test_dvc_repro_after_the_flow_is_a_noop(flow_repo):
     assert (repo / "dvc.lock").read_text() == lock_before
 
 
+def test_course_all_without_the_warm_cluster_starts_no_head(flow_repo, monkeypatch):
+    """`python -m flows.course --all --no-warm-cluster`: neither the course-all flow nor its
+    per-recipe subflows start a head (the subflows used to start one each with their default)."""
+    import contextlib
+
+    from flows import course as flows
+
+    repo, _ = flow_repo
+    lock_before = (repo / "dvc.lock").read_text()
+    started = []
+    monkeypatch.setattr(flows.cluster, "warm", lambda *a, **k: started.append(a) or contextlib.nullcontext())
+    state = flows.course_all(root=str(repo), recipes=["adult"], warm_cluster=False, return_state=True)
+    assert state.is_completed(), state
+    assert started == []
+    assert (repo / "dvc.lock").read_text() == lock_before   # every stage was up to date
+
+
 def test_changing_a_train_param_reruns_only_downstream_stages(flow_repo):
     repo, _ = flow_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
