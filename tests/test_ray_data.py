@@ -201,3 +201,23 @@ def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, 
     # that each row's tensors are the kind's own for that row is the first test's check)
     assert a[-1]["train_loss"] < a[0]["train_loss"]
 
+
+
+@pytest.mark.parametrize("env, v2", [(None, False), ("1", True), ("true", True), ("0", False)])
+def test_the_table_is_read_by_the_v1_parquet_reader_unless_ray_is_told_otherwise(
+        project, ray_session, monkeypatch, env, v2):
+    """V2 lists files and reads footers in new actor processes every epoch (its source operator
+    is ListFiles); V1 reads the footer once, here, and each epoch is one ReadParquet task."""
+    from coursepipe.distributed import ray_train
+    from coursepipe.stages import train
+
+    if env is None:
+        monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2", raising=False)
+    else:
+        monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", env)
+    cfg = streamed(project)
+    _, stream = train.load_frame(cfg, OWN, project)
+    plan = ray_train.datasets(OWN, cfg.model, cfg.train, stream)["train"]._logical_plan.dag
+    while plan.input_dependencies:  # down to the source operator
+        plan = plan.input_dependencies[0]
+    assert plan.name == ("ListFiles" if v2 else "ReadParquet")
