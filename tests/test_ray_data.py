@@ -10,7 +10,7 @@ import pytest
 
 from conftest import fetch, load_cfg, write_params
 from coursepipe import config, recipes
-from coursepipe.distributed.ray_train import ShardBatches, decode_rows
+from coursepipe.distributed.ray_train import ShardBatches, decode_rows, shuffle_rows
 from test_pets import tiny_params
 
 OWN = recipes.get("own_images")
@@ -221,3 +221,28 @@ def test_the_table_is_read_by_the_v1_parquet_reader_unless_ray_is_told_otherwise
     while plan.input_dependencies:  # down to the source operator
         plan = plan.input_dependencies[0]
     assert plan.name == ("ListFiles" if v2 else "ReadParquet")
+
+
+@pytest.mark.parametrize("buffer", [1, 64, 65, 256])
+def test_a_small_shuffle_buffer_still_gives_only_whole_batches(ray_session, buffer):
+    """Ray Data's own local shuffle, as a rank asks for it: every batch full, none left out."""
+    import ray.data
+
+    ds = ray.data.range(800, override_num_blocks=27)  # blocks as the prepared table's split gives
+    sizes = [len(b["id"]) for b in ds.iter_batches(
+        batch_size=64, drop_last=True, local_shuffle_buffer_size=shuffle_rows(buffer, 64),
+        local_shuffle_seed=1)]
+    assert sizes == [64] * (800 // 64)
+
+
+def test_a_streaming_run_with_no_cpu_left_to_decode_is_refused_naming_the_keys(adult_cfg):
+    """Decode tasks run only on CPUs Ray Train's workers leave: none left would wait forever."""
+    from coursepipe.distributed.ray_train import decode_room
+
+    t = config.evolve(adult_cfg.train, num_workers=2, cpus_per_worker=1, decode_cpus=1.0)
+    with pytest.raises(config.ConfigError, match=r"train.decode_cpus is 1, .* 2 CPUs .* \(2 x 1\) "
+                                                 r"leave 0 for"):
+        decode_room(t, 2.0)
+    decode_room(config.evolve(t, decode_cpus=0.0), 2.0)   # 0: tasks share the workers' CPUs
+    decode_room(config.evolve(t, num_workers=1), 2.0)     # one CPU left, one decode task at a time
+    decode_room(t, 3.0)

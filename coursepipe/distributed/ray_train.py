@@ -168,6 +168,20 @@ def decode_rows(recipe, processor: dict, m, df: pd.DataFrame) -> dict:
     return {f"t{i}": t.numpy() for i, t in enumerate(recipe.kind.tensors(recipe, processor, df))}
 
 
+def decode_room(t: Train, cluster_cpus: float) -> None:
+    """Refuse, before training, a streaming run whose decode tasks could never start: Ray Train
+    reserves num_workers x cpus_per_worker CPUs for its workers, and a Ray Data task only runs on
+    what is left (the run would wait forever for its first batch). A cluster that autoscales
+    counts what it has now."""
+    left = cluster_cpus - t.num_workers * t.cpus_per_worker
+    if t.decode_cpus > left:
+        raise ConfigError(
+            f"train.decode_cpus is {t.decode_cpus:g}, but the Ray cluster's {cluster_cpus:g} CPUs "
+            f"less train.num_workers x train.cpus_per_worker ({t.num_workers} x "
+            f"{t.cpus_per_worker}) leave {max(left, 0):g} for Ray Data's decode tasks: lower "
+            f"train.decode_cpus (0 shares the workers' CPUs), num_workers or cpus_per_worker")
+
+
 def use_datasource_v2() -> bool:
     """Ray Data's parquet reader: V1 unless RAY_DATA_USE_DATASOURCE_V2 (Ray's own switch) says.
 
@@ -344,10 +358,20 @@ class ShardBatches:
         """A new pass over this rank's shard: one Ray Data execution."""
         import ray.train
 
-        shuffle = ({"local_shuffle_buffer_size": self.buffer,
+        shuffle = ({"local_shuffle_buffer_size": shuffle_rows(self.buffer, self.bs),
                     "local_shuffle_seed": self.seed * 1_000_003 + epoch} if self.train else {})
         return ray.train.get_dataset_shard(self.split).iter_torch_batches(
             batch_size=self.bs, drop_last=self.train, **shuffle)
+
+
+def shuffle_rows(buffer: int, bs: int) -> int:
+    """The local shuffle buffer a rank asks Ray Data for: `train.shuffle_buffer`, at least two
+    batches. Ray Data 2.60's ShufflingBatcher refills its buffer only once fewer than half of it
+    are left, so with a buffer under two batches it yields a short batch mid-epoch even with
+    drop_last (800 rows in 27 blocks, bs 64, buffer 64: 13 batches, one of 46 rows, 760 rows in
+    all): ranks would take different numbers of steps. Ray rounds a buffer under one batch up to
+    one itself; more rows only shuffle more."""
+    return max(buffer, 2 * bs)
 
 
 def shard_batches(t: Train):
@@ -475,6 +499,7 @@ def fit(recipe, m, t: Train, frame: pd.DataFrame, storage: str, run_name: str,
     data = {}
     if stream is not None:
         from ray.data import ExecutionOptions
+        decode_room(t, ray.cluster_resources().get("CPU", 0.0))
         # preserve_order: with one worker an epoch's rows arrive in the same order on a rerun
         data = {"datasets": datasets(recipe, m, t, stream),
                 "dataset_config": ray.train.DataConfig(
