@@ -158,3 +158,20 @@ def test_a_failed_rule_message_stays_short_with_the_full_list_in_the_report():
     assert len(text) < 400, text
     assert "3 copies, e.g. images/0_0_" in text and "and 47 more in the report" in text
     assert rule["examples"] == groups   # the report keeps every group
+
+
+def test_a_rule_given_twice_is_written_once(tmp_path, adult_cfg):
+    """A recipe may repeat a generic rule (its own not-null check of a column, say): gx-init
+    keeps one copy, so the suite saves and a rerun leaves it as it was."""
+    from coursepipe.paths import Paths
+
+    twice = ("expect_column_values_to_not_be_null", {"column": "salary"})  # the schema's own too
+    adult = dataclasses.replace(recipes.get("adult"), expectations=lambda v: [twice, twice])
+    assert expectation_specs(adult, adult_cfg.validate).count(twice) == 1
+    paths = Paths(tmp_path)
+    suite_path = init_suite(adult_cfg, adult, paths)
+    first = suite_path.read_text()
+    rules = [(e["type"], e["kwargs"]) for e in json.loads(first)["expectations"]]
+    assert rules.count(twice) == 1 and len(rules) == len(expectation_specs(adult, adult_cfg.validate))
+    init_suite(adult_cfg, adult, paths)
+    assert suite_path.read_text() == first

@@ -73,7 +73,21 @@ def expectation_specs(recipe: Recipe, v: Validate) -> list[Spec]:
         if col == SPLIT:  # training needs rows on both sides of the split
             specs.append(("expect_column_distinct_values_to_contain_set",
                           {"column": col, "value_set": [False, True]}))
-    return specs + recipe.kind.expectations(recipe, v) + list(recipe.expectations(v))
+    return unique(specs + recipe.kind.expectations(recipe, v) + list(recipe.expectations(v)))
+
+
+def unique(specs: list[Spec]) -> list[Spec]:
+    """The rules in order, each once. A kind or recipe may repeat a generic rule; with every copy
+    kept, gx-init wrote them all and its rerun failed in GX 1.24.1 ("Expectation IDs must be
+    unique within a suite": save_suite gives equal rules the one id they had)."""
+    seen: set[str] = set()
+    out = []
+    for t, kwargs in specs:
+        key = json.dumps([t, kwargs], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append((t, kwargs))
+    return out
 
 
 def spec_key(expectation) -> str:
