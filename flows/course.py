@@ -35,13 +35,16 @@ def upstream_chain(params, recipe: str) -> list[str]:
 
 
 @flow(name="course", flow_run_name="course-{recipe}", log_prints=True)
-def course(recipe: str = "adult", root: str = ".", warm_cluster: bool = True) -> dict:
-    """One recipe end to end; returns its metrics."""
+def course(recipe: str = "adult", root: str = ".", warm_cluster: bool = True,
+           fetched: list[str] | None = None) -> dict:
+    """One recipe end to end; returns its metrics. `fetched`: recipes whose sources this run
+    has fetched already (course_all: an upstream recipe that ran before this one)."""
     root = str(Path(root).resolve())
     params = load(Paths(root).params)  # fail fast on malformed params / unknown recipe
     with cluster.warm() if warm_cluster else contextlib.nullcontext():
         for name in upstream_chain(params, recipe):  # DVC re-runs their stages; it cannot fetch
-            fetch(name, root)
+            if name not in (fetched or ()):
+                fetch(name, root)
         for stage in STAGES:
             STAGE_TASKS[stage](recipe, root)
     return report(recipe, root)
@@ -53,10 +56,17 @@ def course_all(root: str = ".", recipes: list[str] | None = None,
     """Every recipe (or the given ones) in turn, on one Ray head: DVC's repo lock and 2 cores
     favour one at a time."""
     root = str(Path(root).resolve())
-    names = recipes or list(load(Paths(root).params).recipes)
+    params = load(Paths(root).params)
+    names = recipes or list(params.recipes)
+    results: dict[str, dict] = {}
+    fetched: list[str] = []
     with cluster.warm() if warm_cluster else contextlib.nullcontext():
-        # the subflows join this run's head (RAY_ADDRESS) or, without it, start none either
-        return {name: course(name, root, warm_cluster=warm_cluster) for name in names}
+        for name in names:
+            # the subflows join this run's head (RAY_ADDRESS) or, without it, start none either;
+            # an upstream recipe fetched for an earlier one is not fetched again (~5 s each)
+            results[name] = course(name, root, warm_cluster=warm_cluster, fetched=list(fetched))
+            fetched += [n for n in upstream_chain(params, name) if n not in fetched]
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,3 +190,30 @@ def test_committed_data_dvc_is_what_fetch_generates_and_dvc_pull_restores_it(tmp
     shutil.rmtree(repo / ".dvc" / "cache")
     dvc(repo, "pull", "data.dvc")
     assert {p.relative_to(repo): p.read_bytes() for p in sorted((repo / "data").rglob("*")) if p.is_file()} == files
+
+
+def test_course_all_fetches_each_recipe_once_across_upstream_chains(prefect_api, tmp_path,
+                                                                    monkeypatch):
+    """imdb starts from imdb_lm, which starts from imdb_pretrain: in one course-all run each
+    source is fetched once, not once per recipe whose chain names it (the stages are stubbed:
+    this is the flow's order of work, on the project's own params.yaml)."""
+    import contextlib
+    import shutil
+
+    from flows import course as flows
+
+    repo = tmp_path
+    shutil.copyfile(REPO / "params.yaml", repo / "params.yaml")
+    fetches = []
+    monkeypatch.setattr(flows.cluster, "warm", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(flows, "fetch", lambda name, root: fetches.append(name))
+    monkeypatch.setattr(flows, "STAGE_TASKS", {s: (lambda recipe, root: None) for s in STAGES})
+    monkeypatch.setattr(flows, "report", lambda recipe, root: {"recipe": recipe})
+    chain = ["imdb_pretrain", "imdb_lm", "imdb"]
+    state = flows.course_all(root=str(repo), recipes=chain, return_state=True)
+    assert state.is_completed(), state
+    assert state.result() == {name: {"recipe": name} for name in chain}
+    assert fetches == chain                                     # was 6: 1 + 2 + 3
+    fetches.clear()
+    flows.course(recipe="imdb", root=str(repo))                 # on its own: the whole chain
+    assert fetches == chain
