@@ -205,7 +205,7 @@ def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, 
 
 @pytest.mark.parametrize("env, v2", [(None, False), ("1", True), ("true", True), ("0", False)])
 def test_the_table_is_read_by_the_v1_parquet_reader_unless_ray_is_told_otherwise(
-        project, ray_session, monkeypatch, env, v2):
+        project, ray_session, monkeypatch, capfd, env, v2):
     """V2 lists files and reads footers in new actor processes every epoch (its source operator
     is ListFiles); V1 reads the footer once, here, and each epoch is one ReadParquet task."""
     from coursepipe.distributed import ray_train
@@ -217,7 +217,9 @@ def test_the_table_is_read_by_the_v1_parquet_reader_unless_ray_is_told_otherwise
         monkeypatch.setenv("RAY_DATA_USE_DATASOURCE_V2", env)
     cfg = streamed(project)
     _, stream = train.load_frame(cfg, OWN, project)
+    capfd.readouterr()
     plan = ray_train.datasets(OWN, cfg.model, cfg.train, stream)["train"]._logical_plan.dag
+    assert "Estimated parquet" not in "".join(capfd.readouterr())  # no INFO lines in the stage's log
     while plan.input_dependencies:  # down to the source operator
         plan = plan.input_dependencies[0]
     assert plan.name == ("ListFiles" if v2 else "ReadParquet")

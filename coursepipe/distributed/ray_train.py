@@ -206,6 +206,8 @@ def datasets(recipe, m, t: Train, stream: Stream) -> dict:
     ctx = ray.data.DataContext.get_current()   # datasets carry it to the workers
     ctx.enable_progress_bars = ctx.print_on_execution_start = False  # the epoch table is the progress
     ctx.use_datasource_v2 = use_datasource_v2()
+    # the V1 reader logs its size estimates at INFO on the driver, two lines per split
+    logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)
     decode = functools.partial(decode_rows, recipe, stream.processor, m)
     return {name: ray.data.read_parquet(stream.table, num_cpus=t.decode_cpus)
             .filter(expr=col("is_valid") == valid)
