@@ -203,6 +203,24 @@ def test_one_worker_streams_trains_and_reruns_identically(project, ray_session, 
 
 
 
+
+def test_two_ranks_stream_their_shards_in_step(project, ray_session, tmp_path):
+    """Two DDP ranks on the streaming path (decode tasks sharing the workers' CPUs: 2 x 1 of 2
+    are taken): each takes the same number of steps, rank 0 scores every validation row, and
+    the ranks' weights are equal at the end."""
+    from coursepipe.distributed import ray_train
+    from coursepipe.stages import train
+
+    cfg = streamed(project, num_workers=2, cpus_per_worker=1, decode_cpus=0.0, epochs=1)
+    frame, stream = train.load_frame(cfg, OWN, project)
+    run = ray_train.fit(OWN, cfg.model, cfg.train, frame, storage=str(tmp_path), run_name="two",
+                        verbose=False, stream=stream)
+    assert len(run.rank_checksums) == 2 and run.rank_checksums[0] == run.rank_checksums[1]
+    waits = {w["split"]: w for w in run.worker["data_waits"]}           # rank 0's passes
+    assert waits["train"]["batches"] == (48 // 2) // (cfg.train.bs // 2)
+    assert waits["valid"]["batches"] == -(-12 // cfg.train.valid_bs)     # all 12 rows, on rank 0
+    assert run.history[-1]["accuracy"] * 12 == pytest.approx(round(run.history[-1]["accuracy"] * 12))
+
 @pytest.mark.parametrize("env, v2", [(None, False), ("1", True), ("true", True), ("0", False)])
 def test_the_table_is_read_by_the_v1_parquet_reader_unless_ray_is_told_otherwise(
         project, ray_session, monkeypatch, capfd, env, v2):

@@ -424,6 +424,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
                           report=ray_report(rank), show=rank == 0 and config.get("verbose", True))
     if config.get("processor") is not None:  # the streaming path: rows come from Ray Data shards
         hooks.processor, hooks.batches = config["processor"], shard_batches(t)
+        # Ray Train 2.60 creates the train split's SplitCoordinator actor at the first call
+        # (all ranks, a barrier); made now, its process starts while the model is built
+        ray.train.get_dataset_shard("train")
     if config.get("upstream"):  # a path, not the weights: the config is pickled once per worker
         hooks.upstream = torch.load(config["upstream"], map_location="cpu", weights_only=True)
     try:
