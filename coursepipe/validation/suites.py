@@ -80,21 +80,21 @@ def unique(specs: list[Spec]) -> list[Spec]:
     """The rules in order, each once. A kind or recipe may repeat a generic rule; with every copy
     kept, gx-init wrote them all and its rerun failed in GX 1.24.1 ("Expectation IDs must be
     unique within a suite": save_suite gives equal rules the one id they had)."""
-    seen: set[str] = set()
-    out = []
+    first: dict[str, Spec] = {}
     for t, kwargs in specs:
-        key = json.dumps([t, kwargs], sort_keys=True, default=str)
-        if key not in seen:
-            seen.add(key)
-            out.append((t, kwargs))
-    return out
+        first.setdefault(rule_key(t, kwargs), (t, kwargs))
+    return list(first.values())
+
+
+def rule_key(type_: str, kwargs: dict, meta: dict | None = None) -> str:
+    """What makes two rules the same: type, kwargs and meta (not GX's random id)."""
+    return json.dumps({"type": type_, "kwargs": kwargs, "meta": meta or {}}, sort_keys=True, default=str)
 
 
 def spec_key(expectation) -> str:
-    """What makes two expectations the same rule: type, kwargs and meta (not GX's random id)."""
+    """rule_key of a GX expectation."""
     conf = expectation.configuration
-    return json.dumps({"type": conf.type, "kwargs": conf.kwargs, "meta": conf.meta or {}},
-                      sort_keys=True, default=str)
+    return rule_key(conf.type, conf.kwargs, conf.meta)
 
 
 # ----------------------------------------------------------------------------- GX objects
