@@ -172,6 +172,24 @@ class Kind(abc.ABC):
         normalisation statistics); the driver reads them for the training rows only."""
         return ()
 
+    def stream_rows(self, recipe: "Recipe", processor: dict, df) -> dict:
+        """Ray Data's decode task: usable prepared rows, heavy columns included -> numpy columns
+        t0 (first input) .. tN (target), one entry per row. Default: the kind's tensors(). A
+        column may be ragged (an object array of per-row arrays) when stream_chunk(m) > 0."""
+        return {f"t{i}": t.numpy() for i, t in enumerate(self.tensors(recipe, processor, df))}
+
+    def stream_chunk(self, m) -> int:
+        """0: Ray Data batches the decoded rows itself (fixed-size tensors). n > 0: each rank pulls
+        n batches' worth of rows at a time and stream_batches makes its batches (text: rows of
+        different lengths, padded per batch and grouped by length)."""
+        return 0
+
+    def stream_batches(self, processor: dict, m, rows: dict, bs: int, rng) -> list[tuple]:
+        """One pulled chunk of decoded rows (stream_rows' columns) -> batches of bs rows as tuples
+        of tensors; rng: a generator seeded by (seed, epoch) when training, None when scoring.
+        A training chunk holds whole batches except an epoch's last, whose rest is dropped."""
+        raise ContractError(f"kind {self.name} streams fixed-size rows: stream_chunk is 0")
+
     def usable(self, df):
         """The rows that train and score (a policy may keep rows that are listed, not used)."""
         return df

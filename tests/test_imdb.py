@@ -80,11 +80,27 @@ def test_valid_texts_also_in_train_are_dropped_or_refused():
     df = pd.DataFrame({"label": ["positive", "negative", "positive"], "text": ["a b", "c d", "a b"],
                        "part": ["train", "train", "test"], "file": ["1", "2", "3"]})
     out = kind.prepare(recipes.get("imdb"), df, cfg.prepare)
-    assert out["duplicate"].tolist() == ["", "", "train"] and len(kind.usable(out)) == 2
+    assert dict(zip(out["file"], out["duplicate"])) == {"1": "", "2": "", "3": "train"}
+    assert len(kind.usable(out)) == 2
     with pytest.raises(ValueError, match=r"1 validation texts are also training texts"):
         kind.prepare(recipes.get("imdb"), df, config.evolve(cfg.prepare, duplicates="fail"))
     some = kind.prepare(recipes.get("imdb"), df, config.evolve(cfg.prepare, max_train=1))
     assert (~some["is_valid"]).sum() == 1 and some["is_valid"].sum() == 1   # a stated subset
+
+
+def test_prepared_texts_are_in_a_seeded_random_order_not_class_by_class():
+    """IMDB's layout lists a class at a time; the streaming path reads the table through a local
+    shuffle buffer, which would otherwise give it batches of one class."""
+    kind, cfg = recipes.get("imdb").kind, config.parse(tiny_params(), recipes.Registry()).recipe("imdb")
+    n = 200
+    df = pd.DataFrame({"label": ["negative"] * (n // 2) + ["positive"] * (n // 2),
+                       "text": [f"review {i}" for i in range(n)], "part": "train",
+                       "file": [str(i) for i in range(n)]})
+    out = kind.prepare(recipes.get("imdb"), df, cfg.prepare)
+    first = out["label"].head(40)
+    assert 10 < (first == "positive").sum() < 30                  # both classes from the start
+    assert out["file"].tolist() == kind.prepare(recipes.get("imdb"), df, cfg.prepare)["file"].tolist()
+    assert sorted(out["file"]) == sorted(df["file"])
 
 
 # ----------------------------------------------------------------------------- model
@@ -136,6 +152,36 @@ def test_sortish_batches_are_seeded_similar_in_length_and_split_over_ranks():
     r0, r1 = (TextBatches(ids, y, 1, 8, r, 2, seed=3, train=True, chunk=4).plan(0) for r in (0, 1))
     assert len(r0) == len(r1) and all(np.array_equal(np.concatenate([p, q]), f)
                                       for p, q, f in zip(r0, r1, first))
+
+
+def test_a_streamed_chunk_makes_sortish_padded_batches_of_its_own_rows():
+    """The streaming path's batches of one chunk of rows: each row once (id = its token), every
+    training batch full and of similar lengths, seeded; validation keeps every row, longest first."""
+    from coursepipe.text.classify import chunk_batches
+
+    lengths = np.random.default_rng(0).integers(3, 200, 45)
+    ids = np.empty(45, dtype=object)
+    ids[:] = [np.full(n, i + 2) for i, n in enumerate(lengths)]   # row i's ids are all i + 2
+    y = np.arange(45) % 2
+
+    def rows(batches):
+        out = []
+        for x, yb in batches:
+            r = x[:, 0] - 2
+            assert all((row[:lengths[i]] == i + 2).all() and (row[lengths[i]:] == 1).all()
+                       for i, row in zip(r.tolist(), x))             # right-padded with pad id 1
+            assert yb.tolist() == (r % 2).tolist()
+            out += r.tolist()
+        return out
+
+    train = chunk_batches(ids, y, 1, 8, np.random.default_rng([3, 0]))
+    got = rows(train)
+    assert [len(b[1]) for b in train] == [8] * 5 and len(set(got)) == 40  # 45 rows: 5 left out
+    assert rows(chunk_batches(ids, y, 1, 8, np.random.default_rng([3, 0]))) == got
+    assert rows(chunk_batches(ids, y, 1, 8, np.random.default_rng([3, 1]))) != got
+    assert np.mean([np.ptp(lengths[b[0][:, 0] - 2]) for b in train]) < np.ptp(lengths) / 2
+    valid = rows(chunk_batches(ids, y, 1, 8, None))
+    assert sorted(valid) == list(range(45)) and list(lengths[valid]) == sorted(lengths, reverse=True)
 
 
 def test_gradual_unfreezing_is_a_plan_of_the_shared_program():
@@ -218,6 +264,20 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
     from coursepipe.stages import train
     itos = {n: train.read_bundle(project.model(n) / "model.pt")["processor"]["itos"] for n in CHAIN[1:]}
     assert itos["imdb"] == itos["imdb_lm"]
+    # the streaming path (train.data_path: ray_data): Ray Data's tasks tokenise the texts, the
+    # driver and the workers hold none, and the driver reads with imdb_lm's vocabulary too
+    raw = tiny_params()
+    raw["recipes"]["imdb"]["train"]["data_path"] = "ray_data"
+    write_params(project.root, raw)
+    cfg, kind = load_cfg(project, "imdb"), recipes.get("imdb").kind
+    frame, stream = train.load_frame(cfg, recipes.get("imdb"), project, train.upstream_model(project, cfg))
+    assert "text" not in frame.columns and stream.processor["itos"] == itos["imdb_lm"]
+    streamed = train.run(cfg, recipes.get("imdb"), project, storage=project.runs(".runs"), verbose=False)
+    n_train, n_valid = (len(kind.usable(frame[frame["is_valid"] == v])) for v in (False, True))
+    assert [w["batches"] for w in streamed.worker["data_waits"]] == \
+        [n_train // cfg.train.bs, -(-n_valid // cfg.train.valid_bs)] * 2   # 2 unfreezing steps
+    acc = streamed.history[-1]["accuracy"]
+    assert streamed.epochs_run == 2 and acc * n_valid == pytest.approx(round(acc * n_valid))
     # the classifier's encoder started from imdb_lm's: a missing upstream model is a clear error
     import shutil
     shutil.rmtree(project.model("imdb_lm"))

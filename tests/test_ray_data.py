@@ -266,3 +266,102 @@ def test_a_streaming_run_with_no_cpu_left_to_decode_is_refused_naming_the_keys(a
     decode_room(config.evolve(t, decode_cpus=0.0), 2.0)   # 0: tasks share the workers' CPUs
     decode_room(config.evolve(t, num_workers=1), 2.0)     # one CPU left, one decode task at a time
     decode_room(t, 3.0)
+
+
+# ----------------------------------------------------------------------------- text rows
+
+IMDB = recipes.get("imdb")
+
+
+def text_table(train: int, valid: int, dup: int):
+    """A prepared text-classification table: seeded texts of 3-60 words, `dup` of the validation
+    rows repeating a training text (marked, as prepare marks them)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    words = "good bad film plot actor boring great the a and".split()
+    texts = [" ".join(rng.choice(words, rng.integers(3, 60))) for _ in range(train + valid)]
+    texts[train:train + dup] = texts[:dup]
+    df = pd.DataFrame({"text": texts, "label": rng.choice(["negative", "positive"], train + valid),
+                       "is_valid": [False] * train + [True] * valid})
+    df["duplicate"] = [""] * train + ["train"] * dup + [""] * (valid - dup)
+    return df
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_streamed_text_rows_are_padded_per_batch_in_sortish_chunks(ray_session, monkeypatch, world):
+    """Real Ray Data: the text kind's decode tasks emit ragged id rows; each rank pulls chunks of
+    50 batches through a seeded local shuffle and makes padded batches of similar lengths: every
+    training row of its shard at most once and a replayable order per epoch; rank 0 scores every
+    usable validation row once (a duplicate of a training text not at all)."""
+    import functools
+    import threading
+    import types
+
+    import ray.data
+    import ray.train
+    from coursepipe.text.classify import encode, pad_id
+
+    m = types.SimpleNamespace(min_freq=1, max_vocab=100)   # what fit_processor reads
+    df = text_table(train=240 * world, valid=60, dup=3)
+    processor = IMDB.kind.fit_processor(IMDB, df[~df["is_valid"]], m)
+    pad = pad_id(processor["itos"])
+
+    def dataset(valid: bool):
+        part = df[df["is_valid"] == valid]
+        blocks = [part.iloc[i:i + 40] for i in range(0, len(part), 40)]   # blocks, as a table's
+        return ray.data.from_pandas(blocks).map_batches(
+            functools.partial(decode_rows, IMDB, processor, m), batch_format="pandas", batch_size=16)
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", False)
+    monkeypatch.setattr(ctx.execution_options, "preserve_order", True)   # as fit()'s DataConfig
+    splits = {"train": dataset(False).streaming_split(world, equal=True), "valid": dataset(True)}
+    # each rank's own shard: rank 1 iterates in a thread named for it, as a second worker would
+    shard = {"train": splits["train"], "valid": [splits["valid"].iterator()]}
+    monkeypatch.setattr(ray.train, "get_dataset_shard",
+                        lambda name: shard[name][threading.current_thread().name == "rank 1"])
+
+    def rows(batches):  # (length, label) of every row, each batch's lengths
+        got, spread = [], []
+        for x, y in batches:
+            n = (x != pad).sum(1)
+            assert (x[torch.arange(len(x)), n - 1] != pad).all()      # right-padded, not left
+            got += list(zip(n.tolist(), y.tolist()))
+            spread.append(int(n.max() - n.min()))
+        return sorted(got), spread
+
+    import torch
+
+    def lengths(part):
+        part = IMDB.kind.usable(part)
+        return sorted(zip((len(s) for s in encode(processor["itos"], part["text"])),
+                          (processor["classes"].index(v) for v in part["label"])))
+
+    kw = {"chunk": IMDB.kind.stream_chunk(m),
+          "regroup": functools.partial(IMDB.kind.stream_batches, processor, m)}
+    bs = 8 * world                                              # the global batch
+    train = ShardBatches("train", 240 * world, bs, 0, world, 5, True, 64, **kw)
+    if world == 1:
+        first = list(train(0))
+        assert len(first) == len(train) == 30 and all(len(y) == 8 for _, y in first)
+        got, spread = rows(first)
+        assert got == lengths(df[~df["is_valid"]])                  # 240 rows: every one once
+        assert np.mean(spread) < np.ptp([n for n, _ in got]) / 2    # sortish, not random
+        again, other = (list(train(e)) for e in (0, 1))
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+        assert not all(a[0].shape == b[0].shape and torch.equal(a[0], b[0])
+                       for a, b in zip(first, other))
+        valid = ShardBatches("valid", 57, 8, 0, 1, 5, False, 64, **kw)
+        assert len(valid) == len(list(valid())) == 8
+        assert rows(valid())[0] == lengths(df[df["is_valid"]])      # 57 usable rows, each once
+    else:  # two ranks stream their halves side by side (Ray's equal split waits for both)
+        other = ShardBatches("train", 240 * world, bs, 1, world, 5, True, 64, **kw)
+        theirs: list = []
+        peer = threading.Thread(target=lambda: theirs.extend(other(0)), name="rank 1")
+        peer.start()
+        mine = list(train(0))
+        peer.join()
+        assert len(mine) == len(theirs) == len(train) == len(other) == 30
+        assert all(len(y) == 8 for _, y in mine + theirs)
+        assert rows(mine + theirs)[0] == lengths(df[~df["is_valid"]])  # 480 rows, each once

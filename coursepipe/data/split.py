@@ -1,4 +1,4 @@
-"""Seeded validation splits (shared by every kind's prepare)."""
+"""Seeded validation splits and row orders (shared by the kinds' prepare)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,3 +10,10 @@ def split_mask(n: int, valid_pct: float, seed: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[rng.permutation(n)[: int(round(n * valid_pct))]] = True
     return mask
+
+
+def seeded_order(df, seed: int):
+    """Rows in a seeded random order. Layouts list files class by class; the streaming data path
+    reads the table row group by row group through a small local shuffle buffer, so a
+    class-sorted table would give it batches of one or two classes."""
+    return df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)

@@ -12,6 +12,7 @@ frame: it cannot read a param that the train stage does not declare to DVC.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -160,12 +162,12 @@ class Stream:
 
 
 def decode_rows(recipe, processor: dict, m, df: pd.DataFrame) -> dict:
-    """Ray Data's map_batches: prepared rows, bytes included -> the kind's tensors as numpy arrays
-    keyed t0 (first input) .. tN (target). Rows the kind does not use are dropped here."""
+    """Ray Data's map_batches: prepared rows, bytes included -> the kind's stream_rows (numpy
+    columns t0 (first input) .. tN (target)). Rows the kind does not use are dropped here."""
     df = recipe.kind.usable(df)
     if df.empty:  # a block of excluded rows only
         return {}
-    return {f"t{i}": t.numpy() for i, t in enumerate(recipe.kind.tensors(recipe, processor, df))}
+    return recipe.kind.stream_rows(recipe, processor, df)
 
 
 def decode_room(t: Train, cluster_cpus: float) -> None:
@@ -198,8 +200,6 @@ def use_datasource_v2() -> bool:
 def datasets(recipe, m, t: Train, stream: Stream) -> dict:
     """{'train', 'valid'}: the table's rows of each split, read and decoded as streaming tasks
     (`decode_cpus` each). Nothing is read until a worker iterates its shard."""
-    import functools
-
     import ray.data
     from ray.data.expressions import col
 
@@ -298,8 +298,10 @@ class ShardBatches:
 
     def __init__(self, split: str, rows: int, bs: int, rank: int, world: int, seed: int,
                  train: bool, buffer: int, cache_bytes: int = 0, last_epoch: int = 0,
-                 clock: dict | None = None, siblings: dict | None = None):
+                 clock: dict | None = None, siblings: dict | None = None, chunk: int = 0,
+                 regroup=None):
         self.split, self.seed, self.train, self.buffer = split, seed, train, buffer
+        self.chunk, self.regroup = chunk, regroup  # Kind.stream_chunk, Kind.stream_batches
         self.siblings = siblings if siblings is not None else {}
         self.siblings[split] = self
         self.cache_bytes, self.last_epoch = cache_bytes, last_epoch
@@ -333,8 +335,7 @@ class ShardBatches:
                                     and epoch < self.last_epoch else None)
         size = 0
         waits = DataWaits(self.split, epoch, "stream" if ahead is None else "stream, started ahead")
-        for b in waits.timed(ahead.batches() if ahead is not None else self.stream(epoch)):
-            batch = tuple(b[f"t{i}"] for i in range(len(b)))
+        for batch in waits.timed(ahead.batches() if ahead is not None else self.stream(epoch)):
             if keep is not None:
                 size += held_bytes(batch)
                 if size <= self.cache_bytes:
@@ -357,13 +358,22 @@ class ShardBatches:
             self.ahead = Ahead(epoch, self.stream(epoch))
 
     def stream(self, epoch: int):
-        """A new pass over this rank's shard: one Ray Data execution."""
+        """A new pass over this rank's shard, one Ray Data execution: its batches as tuples."""
         import ray.train
 
-        shuffle = ({"local_shuffle_buffer_size": shuffle_rows(self.buffer, self.bs),
+        pull = self.bs * max(self.chunk, 1)  # rows per batch Ray Data hands over
+        shuffle = ({"local_shuffle_buffer_size": shuffle_rows(self.buffer, pull),
                     "local_shuffle_seed": self.seed * 1_000_003 + epoch} if self.train else {})
-        return ray.train.get_dataset_shard(self.split).iter_torch_batches(
-            batch_size=self.bs, drop_last=self.train, **shuffle)
+        shard = ray.train.get_dataset_shard(self.split)
+        if not self.chunk:
+            for b in shard.iter_torch_batches(batch_size=pull, drop_last=self.train, **shuffle):
+                yield tuple(b[f"t{i}"] for i in range(len(b)))
+            return
+        # the kind makes the batches of each chunk (text: grouped by length, padded per batch);
+        # the chunks come in one order per seed and epoch, so one generator replays them
+        rng = np.random.default_rng([self.seed, epoch]) if self.train else None
+        for rows in shard.iter_batches(batch_size=pull, batch_format="numpy", **shuffle):
+            yield from self.regroup(rows, self.bs, rng)
 
 
 def shuffle_rows(buffer: int, bs: int) -> int:
@@ -386,7 +396,8 @@ def shard_batches(t: Train):
         return ShardBatches("train" if train else "valid", len(recipe.kind.usable(df)), bs, rank,
                             world, seed, train, t.shuffle_buffer,
                             cache_bytes=int(t.valid_cache_mb * 2 ** 20), last_epoch=last, clock=clock,
-                            siblings=siblings)
+                            siblings=siblings, chunk=recipe.kind.stream_chunk(m),
+                            regroup=functools.partial(recipe.kind.stream_batches, processor, m))
     return batches
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from coursepipe.config import ConfigError, Evaluate, Prepare, Section, Validate, positive
 from coursepipe.contract import Evaluation, Kind, Spec
+from coursepipe.data.split import seeded_order
 from coursepipe.vision.augment import Augment
 
 TARGET = "label"
@@ -30,13 +31,6 @@ OK = 'excluded==""'                     # GX row condition: the rows the policy 
 TOP_LOSSES_PNG = "top_losses.png"
 GRADCAM_PNG = "gradcam.png"
 CONFUSED_CSV = "most_confused.csv"
-
-
-def seeded_order(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Rows in a seeded random order. Layouts list files class by class; the streaming data path
-    reads the table row group by row group through a small local shuffle buffer, so a
-    class-sorted table would give it batches of one or two classes."""
-    return df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- sections

@@ -14,6 +14,7 @@ from typing import Literal
 
 from coursepipe.config import ConfigError, Prepare, Section, Validate, positive
 from coursepipe.contract import Evaluation, Kind, Spec
+from coursepipe.data.split import seeded_order
 from coursepipe.kinds.language_model import AWDLSTMModel, awd_encoder
 
 TEXT, DUP = "text", "duplicate"
@@ -83,8 +84,9 @@ class TextClassification(Kind):
                               "model: models/<its language-model recipe>")
 
     def prepare(self, recipe, df, p: TextPrepare):
-        """The split, then texts of the validation rows that are also training texts marked (and
-        counted in the report) or refused, as prepare.duplicates says."""
+        """The split, rows in a seeded random order, then texts of the validation rows that are
+        also training texts marked (and counted in the report) or refused, as prepare.duplicates
+        says."""
         import numpy as np
 
         out = super().prepare(recipe, df, p)
@@ -93,7 +95,8 @@ class TextClassification(Kind):
             rows = np.flatnonzero(out["is_valid"].to_numpy() == valid)
             if n is not None and len(rows) > n:
                 out = out.drop(out.index[np.setdiff1d(rows, rng.choice(rows, n, replace=False))])
-        out = out.reset_index(drop=True)
+        # IMDB's layout lists a class at a time: the streaming path's local shuffle needs mixed rows
+        out = seeded_order(out, p.seed)
         seen = set(out.loc[~out["is_valid"], TEXT])
         dup = out["is_valid"] & out[TEXT].isin(seen)
         if dup.any() and p.duplicates == "fail":
@@ -146,6 +149,28 @@ class TextClassification(Kind):
         from coursepipe.text.classify import TextBatches, pad_id
         ids, y = self._xy(processor, self.usable(df))  # tensors() keeps every row (export parity)
         return TextBatches(ids, y, pad_id(processor["itos"]), bs, rank, world, seed, train)
+
+    # the streaming path: Ray Data's tasks tokenise; a rank pads each batch of similar lengths
+    def heavy_columns(self, m) -> tuple[str, ...]:
+        return (TEXT,)
+
+    def processor_columns(self, m) -> tuple[str, ...]:
+        return (TEXT,)  # a vocabulary of its own (no starts_from) is fitted on the training texts
+
+    def stream_rows(self, recipe, processor: dict, df) -> dict:
+        import numpy as np
+        ids, y = self._xy(processor, df)
+        ragged = np.empty(len(ids), dtype=object)  # one id array per row: Ray keeps them ragged
+        ragged[:] = ids
+        return {"t0": ragged, "t1": y.numpy()}
+
+    def stream_chunk(self, m) -> int:
+        from coursepipe.text.classify import SORTISH_CHUNK
+        return SORTISH_CHUNK
+
+    def stream_batches(self, processor: dict, m, rows: dict, bs: int, rng) -> list[tuple]:
+        from coursepipe.text.classify import chunk_batches, pad_id
+        return chunk_batches(rows["t0"], rows["t1"], pad_id(processor["itos"]), bs, rng)
 
     def build_model(self, recipe, processor: dict, m: TextClassifierModel):
         from coursepipe.models.awd_lstm import TextClassifier

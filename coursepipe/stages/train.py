@@ -89,10 +89,11 @@ def check_validated(paths: Paths, recipe: str, table_digest: str) -> None:
                            f"{rep.get('evaluated')} rules; see {rel}): refusing to train on it")
 
 
-def load_frame(cfg: RecipeConfig, recipe: Recipe, paths: Paths):
+def load_frame(cfg: RecipeConfig, recipe: Recipe, paths: Paths, upstream: Path | None = None):
     """(frame, stream): the whole prepared table for the memory path; for `data_path: ray_data`
-    the table without its heavy columns and a ray_train.Stream holding the processor fitted
-    here, so neither the driver nor a worker ever holds the bytes Ray Data decodes."""
+    the table without its heavy columns and a ray_train.Stream holding the processor made here
+    (from the `upstream` model's bundle when the recipe starts from one, as the memory path's
+    workers make it), so neither the driver nor a worker ever holds what Ray Data decodes."""
     from coursepipe.distributed.ray_train import Stream
 
     if cfg.train.data_path == "memory":
@@ -107,7 +108,9 @@ def load_frame(cfg: RecipeConfig, recipe: Recipe, paths: Paths):
     train_rows = (prepare.load(paths, cfg.name, without=tuple(c for c in heavy if c not in needs), valid=False)
                   if needs else frame[~frame["is_valid"]])
     table = str((paths.prepared(cfg.name) / prepare.TABLE).resolve())
-    return frame, Stream(table=table, processor=kind.fit_processor(recipe, train_rows, cfg.model))
+    processor = (kind.fit_processor(recipe, train_rows, cfg.model) if upstream is None else
+                 kind.processor_from(recipe, train_rows, cfg.model, read_bundle(upstream)))
+    return frame, Stream(table=table, processor=processor)
 
 
 def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: bool = True) -> TrainResult:
@@ -118,7 +121,7 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: 
     digest = file_digest(paths.prepared(cfg.name) / prepare.TABLE)
     check_validated(paths, cfg.name, digest)
     upstream = upstream_model(paths, cfg)
-    frame, stream = load_frame(cfg, recipe, paths)
+    frame, stream = load_frame(cfg, recipe, paths, upstream)
     name = run_name(cfg, digest, file_digest(upstream) if upstream else None)
     lock = locks.run_lock(storage, name)  # two roots sharing ray_storage must not train one run twice
     with locks.hold(lock, f"Ray run {name}") if lock else contextlib.nullcontext():

@@ -25,6 +25,9 @@ def pad_right(seqs: list[np.ndarray], pad_id: int) -> torch.Tensor:
     return torch.from_numpy(portable_lm.pad_right(seqs, pad_id))
 
 
+SORTISH_CHUNK = 50  # batches per sorted chunk (fastai's SortishSampler sorts bs * 50 rows at a time)
+
+
 def sortish_batches(lengths: np.ndarray, bs: int, rng: np.random.Generator, chunk: int) -> list[np.ndarray]:
     """Row indices of batches of similar lengths, in a random order."""
     idx = rng.permutation(len(lengths))
@@ -40,7 +43,7 @@ class TextBatches:
     """callable(epoch) -> this rank's (x, y) batches; x right-padded ids, y class indices."""
 
     def __init__(self, ids: list[np.ndarray], y: torch.Tensor, pad_id: int, bs: int, rank: int,
-                 world: int, seed: int, train: bool, chunk: int = 50):
+                 world: int, seed: int, train: bool, chunk: int = SORTISH_CHUNK):
         self.ids, self.y, self.pad_id = ids, y, pad_id
         self.lengths = np.array([len(s) for s in ids])
         self.bs, self.rank, self.world, self.seed, self.train, self.chunk = \
@@ -66,6 +69,21 @@ class TextBatches:
     def __call__(self, epoch: int = 0):
         for b in self.plan(epoch):
             yield pad_right([self.ids[i] for i in b], self.pad_id), self.y[b]
+
+
+def chunk_batches(ids, y: np.ndarray, pad_id: int, bs: int,
+                  rng: np.random.Generator | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The streaming path's batches of one chunk of rows a rank pulled from Ray Data (ids: each
+    row's id array). Training (rng): sortish_batches over the chunk, a last partial batch dropped
+    (a chunk holds whole batches except an epoch's last). Validation (None): longest first, all."""
+    lengths = np.array([len(s) for s in ids])
+    if rng is None:
+        order = np.argsort(-lengths, kind="stable")
+        plan = [order[i:i + bs] for i in range(0, len(order), bs)]
+    else:
+        chunk = -(-len(ids) // bs)  # the whole pull is one sorted chunk
+        plan = [b for b in sortish_batches(lengths, bs, rng, chunk) if len(b) == bs]
+    return [(pad_right([ids[i] for i in b], pad_id), torch.as_tensor(y[b])) for b in plan]
 
 
 def pad_id(itos: list[str]) -> int:
