@@ -276,6 +276,11 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
     n_train, n_valid = (len(kind.usable(frame[frame["is_valid"] == v])) for v in (False, True))
     assert [w["batches"] for w in streamed.worker["data_waits"]] == \
         [n_train // cfg.train.bs, -(-n_valid // cfg.train.valid_bs)] * 2   # 2 unfreezing steps
+    # the epochs are the kind's plan's (train.epochs is 1 here): epoch 1 is started ahead and
+    # scored from the validation batches kept in epoch 0
+    ahead = "stream, started ahead"
+    assert [(w["epoch"], w["source"]) for w in streamed.worker["data_waits"]] == \
+        [(0, "stream"), (0, ahead), (1, ahead), (1, "cache")]
     acc = streamed.history[-1]["accuracy"]
     assert streamed.epochs_run == 2 and acc * n_valid == pytest.approx(round(acc * n_valid))
     # the classifier's encoder started from imdb_lm's: a missing upstream model is a clear error

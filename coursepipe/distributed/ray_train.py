@@ -389,10 +389,11 @@ def shuffle_rows(buffer: int, bs: int) -> int:
 def shard_batches(t: Train):
     """program.Hooks.batches for the streaming path (Kind.batches' signature). The train and
     valid sources share the epoch: the Learner calls valid_batches() without it."""
-    last = t.freeze_epochs + t.epochs - 1  # the run's last global epoch (fine_tune.phases)
     clock, siblings = {"epoch": 0}, {}
 
     def batches(recipe, processor, df, m, bs, rank, world, seed, train):
+        # the run's last global epoch: the kind's plan (ULMFiT's unfreezing steps have their own)
+        last = sum(phase.epochs for phase in recipe.kind.plan(m, t)) - 1
         return ShardBatches("train" if train else "valid", len(recipe.kind.usable(df)), bs, rank,
                             world, seed, train, t.shuffle_buffer,
                             cache_bytes=int(t.valid_cache_mb * 2 ** 20), last_epoch=last, clock=clock,
