@@ -2,6 +2,12 @@
 
     python bench/memory.py                                   # 1,000 and 20,000 images, both paths
     python bench/memory.py --sizes 1000 5000 --paths ray_data
+    python bench/memory.py --text ../shared/data/imdb_full.tgz   # 1,000 and 20,000 IMDB reviews
+
+`--text`: the same for the text classifier (`imdb`) on that many of a real aclImdb archive's
+training reviews (`prepare.max_train`; 500 test reviews score), from a tiny language-model chain
+trained once on the synthetic default (imdb_pretrain -> imdb_lm, 1 epoch each): a tiny AWD-LSTM,
+1 epoch, bs 64, gradients through the last 72 tokens. Only the classifier's train stage is timed.
 
 Generates pets-sized photos-like JPEGs (224 px, tens of kB each, 4 classes of textures) into an
 own_images archive in fastai's class-folder layout, prepares and validates it once per size, then
@@ -86,6 +92,32 @@ def params(src: Path, n: int, model_side: int, threads: int) -> dict:
     return raw
 
 
+TEXT_CHAIN = ("imdb_pretrain", "imdb_lm", "imdb")
+
+
+def text_params(src: Path, threads: int) -> dict:
+    """The imdb chain with a tiny AWD-LSTM; the classifier reads `src` (its max_train: per size)."""
+    from coursepipe.io import file_digest
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["recipes"] = {r: raw["recipes"][r] for r in TEXT_CHAIN}
+    for sec in raw["recipes"].values():
+        sec["model"].update({"emb_sz": 16, "n_hid": 32, "n_layers": 1, "seq_len": 72, "max_vocab": 2000})
+        sec["train"].update({"epochs": 1, "bs": 64, "valid_bs": 64, "num_workers": 1, "threads": threads})
+    clas = raw["recipes"]["imdb"]
+    clas["sources"]["bench"] = {"path": str(src), "sha256": file_digest(src)}
+    clas["source"] = "bench"
+    clas["prepare"].update({"max_valid": 500})
+    clas["model"].update({"max_len": 72, "unfreeze": [[1, 0.01]]})
+    return raw
+
+
+def set_params(root: Path, recipe: str, section: str, **values) -> None:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["recipes"][recipe][section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def cli(root: Path, *args: str, wrapper: bool = False) -> str:
     cmd = [sys.executable, *(["-c", WRAPPER] if wrapper else ["-m", "coursepipe.cli"]),
            "--root", str(root), *args]
@@ -96,6 +128,67 @@ def cli(root: Path, *args: str, wrapper: bool = False) -> str:
     return proc.stdout
 
 
+def measure(root: Path, recipe: str, n: int, path: str) -> dict:
+    """One `coursepipe train` on data path `path`: the driver's and rank 0's peak RSS."""
+    set_params(root, recipe, "train", data_path=path)
+    t0 = time.perf_counter()
+    out = cli(root, "train", recipe, wrapper=True)
+    wall = time.perf_counter() - t0
+    driver = int(out.rsplit("DRIVER_MAX_RSS_KB", 1)[1].split()[0]) / 1024
+    summary = json.loads((root / "models" / recipe / "train.json").read_text())
+    print(f"  {path:9s} driver {driver:7.0f} MB  worker {summary['worker_max_rss_mb']:7.0f} MB  "
+          f"training {summary['train_seconds']:6.1f} s  wall {wall:6.1f} s", flush=True)
+    parts = summary.get("worker_rss_now_mb", {})  # anon / file / shmem (object store pages)
+    if parts:
+        print("            worker at the end: " + ", ".join(f"{k} {v:.0f} MB" for k, v in parts.items()),
+              flush=True)
+    return {"rows": n, "path": path, "driver_mb": driver, "worker_mb": summary["worker_max_rss_mb"],
+            "train_s": summary["train_seconds"], "wall_s": wall}
+
+
+def new_root(root: Path, raw: dict) -> Path:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(REPO / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
+    return root
+
+
+def image_rows(args, work: Path) -> list[dict]:
+    rows = []
+    for n in args.sizes:
+        src = archive(n, args.side, work / "archives" / f"textures-{n}-{args.side}.tgz")
+        root = new_root(work / f"root-{n}", params(src, n, args.model_side, args.threads))
+        for step in (("fetch", "own_images", "--no-dvc"), ("prepare", "own_images"),
+                     ("gx-init", "own_images"), ("validate", "own_images")):
+            cli(root, *step)
+        table = root / "prepared" / "own_images" / "table.parquet"
+        print(f"{n} images: archive {src.stat().st_size / 1e6:.0f} MB, prepared table "
+              f"{table.stat().st_size / 1e6:.0f} MB", flush=True)
+        rows += [measure(root, "own_images", n, path) for path in args.paths]
+    return rows
+
+
+def text_rows(args, work: Path) -> list[dict]:
+    root = new_root(work / "root-text", text_params(Path(args.text).resolve(), args.threads))
+    for recipe in TEXT_CHAIN:  # the language models once; the classifier's table per size below
+        cli(root, "fetch", recipe, "--no-dvc")
+        cli(root, "gx-init", recipe)
+        if recipe != "imdb":
+            cli(root, "prepare", recipe)
+            cli(root, "validate", recipe)
+            cli(root, "train", recipe)
+    rows = []
+    for n in args.sizes:
+        set_params(root, "imdb", "prepare", max_train=n)
+        cli(root, "prepare", "imdb")
+        cli(root, "validate", "imdb")
+        table = root / "prepared" / "imdb" / "table.parquet"
+        print(f"{n} reviews: prepared table {table.stat().st_size / 1e6:.1f} MB", flush=True)
+        rows += [measure(root, "imdb", n, path) for path in args.paths]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 20000])
@@ -103,45 +196,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--side", type=int, default=224, help="generated JPEG side, px")
     ap.add_argument("--model-side", type=int, default=64, help="model input side, px")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", help="an aclImdb archive: measure the text classifier on its reviews")
     ap.add_argument("--work", default="/tmp/coursepipe-bench-memory")
     args = ap.parse_args(argv)
-    work = Path(args.work)
-    rows = []
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
-    for n in args.sizes:
-        src = archive(n, args.side, work / "archives" / f"textures-{n}-{args.side}.tgz")
-        root = work / f"root-{n}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        (root / "params.yaml").write_text(yaml.safe_dump(params(src, n, args.model_side, args.threads),
-                                                          sort_keys=False))
-        shutil.copytree(REPO / "gx", root / "gx", ignore=shutil.ignore_patterns("uncommitted"))
-        for step in (("fetch", "own_images", "--no-dvc"), ("prepare", "own_images"),
-                     ("gx-init", "own_images"), ("validate", "own_images")):
-            cli(root, *step)
-        table = root / "prepared" / "own_images" / "table.parquet"
-        print(f"{n} images: archive {src.stat().st_size / 1e6:.0f} MB, prepared table "
-              f"{table.stat().st_size / 1e6:.0f} MB", flush=True)
-        for path in args.paths:
-            raw = yaml.safe_load((root / "params.yaml").read_text())
-            raw["recipes"]["own_images"]["train"]["data_path"] = path
-            (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-            t0 = time.perf_counter()
-            out = cli(root, "train", "own_images", wrapper=True)
-            wall = time.perf_counter() - t0
-            driver = int(out.rsplit("DRIVER_MAX_RSS_KB", 1)[1].split()[0]) / 1024
-            summary = json.loads((root / "models" / "own_images" / "train.json").read_text())
-            rows.append({"images": n, "path": path, "driver_mb": driver,
-                         "worker_mb": summary["worker_max_rss_mb"], "train_s": summary["train_seconds"],
-                         "wall_s": wall})
-            print(f"  {path:9s} driver {driver:7.0f} MB  worker {summary['worker_max_rss_mb']:7.0f} MB  "
-                  f"training {summary['train_seconds']:6.1f} s  wall {wall:6.1f} s", flush=True)
+    rows = (text_rows if args.text else image_rows)(args, Path(args.work))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     lo, hi = min(args.sizes), max(args.sizes)
+    unit = "reviews" if args.text else "images"
     for path in args.paths:
-        a = next(r for r in rows if r["path"] == path and r["images"] == lo)
-        b = next(r for r in rows if r["path"] == path and r["images"] == hi)
-        print(f"{path:9s} {hi}/{lo} images: driver {b['driver_mb'] / a['driver_mb']:.2f}x, "
+        a = next(r for r in rows if r["path"] == path and r["rows"] == lo)
+        b = next(r for r in rows if r["path"] == path and r["rows"] == hi)
+        print(f"{path:9s} {hi}/{lo} {unit}: driver {b['driver_mb'] / a['driver_mb']:.2f}x, "
               f"worker {b['worker_mb'] / a['worker_mb']:.2f}x")
 
 

@@ -216,6 +216,8 @@ def test_two_ranks_stream_their_shards_in_step(project, ray_session, tmp_path):
     run = ray_train.fit(OWN, cfg.model, cfg.train, frame, storage=str(tmp_path), run_name="two",
                         verbose=False, stream=stream)
     assert len(run.rank_checksums) == 2 and run.rank_checksums[0] == run.rank_checksums[1]
+    parts = run.worker["rss_now_mb"]                      # rank 0's memory by kind, at its end
+    assert set(parts) == {"anon", "file", "shmem"} and parts["anon"] > 100
     waits = {w["split"]: w for w in run.worker["data_waits"]}           # rank 0's passes
     assert waits["train"]["batches"] == (48 // 2) // (cfg.train.bs // 2)
     assert waits["valid"]["batches"] == -(-12 // cfg.train.valid_bs)     # all 12 rows, on rank 0

@@ -409,11 +409,24 @@ def worker_stats(loop_started: float) -> dict:
     project modules it imported (the code-deps audit checks them against dvc.yaml)."""
     import resource
     return {"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+            "rss_now_mb": rss_parts(),
             "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "loop_started": loop_started, "loop_ended": time.time(),
             "data_waits": [dict(r) for r in DATA_WAITS],  # the streaming path's passes (DataWaits)
             "modules": sorted(m for m in sys.modules if m == "coursepipe" or m.startswith("coursepipe."))}
+
+
+def rss_parts() -> dict:
+    """This process's resident memory now, by kind (Linux): anonymous (its own heap), file-backed
+    (libraries), shared memory (Ray's object store pages it has mapped, e.g. Ray Data blocks)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    keys = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    return {keys[k]: int(v.split()[0]) / 1024 for k, v in (l.split(":", 1) for l in lines if ":" in l)
+            if k in keys}
 
 
 def train_loop_per_worker(config: dict) -> dict | None:

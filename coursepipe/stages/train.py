@@ -132,7 +132,8 @@ def run(cfg: RecipeConfig, recipe: Recipe, paths: Paths, storage: str, verbose: 
         "run_name": name, "storage": storage, "epochs": len(fit.history),
         "train_seconds": round(fit.train_seconds, 3),
         "startup_seconds": round(fit.wall_seconds - fit.train_seconds, 3),
-        "worker_max_rss_mb": round(fit.worker.get("max_rss_mb", 0.0), 1)})
+        "worker_max_rss_mb": round(fit.worker.get("max_rss_mb", 0.0), 1),
+        "worker_rss_now_mb": {k: round(v, 1) for k, v in fit.worker.get("rss_now_mb", {}).items()}})
     return TrainResult(run_name=name, epochs_run=len(fit.history), history=fit.history,
                        train_seconds=fit.train_seconds,
                        startup_seconds=fit.wall_seconds - fit.train_seconds,
