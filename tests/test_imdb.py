@@ -270,7 +270,14 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
     raw["recipes"]["imdb"]["train"]["data_path"] = "ray_data"
     write_params(project.root, raw)
     cfg, kind = load_cfg(project, "imdb"), recipes.get("imdb").kind
-    frame, stream = train.load_frame(cfg, recipes.get("imdb"), project, train.upstream_model(project, cfg))
+    from coursepipe.stages import prepare
+    reads = []
+    real_load = prepare.load
+    with pytest.MonkeyPatch.context() as mp:  # what the driver reads of the table
+        mp.setattr(prepare, "load", lambda *a, **k: reads.append(k.get("without")) or real_load(*a, **k))
+        frame, stream = train.load_frame(cfg, recipes.get("imdb"), project,
+                                         train.upstream_model(project, cfg))
+    assert reads == [("text",)]                    # once, without the texts
     assert "text" not in frame.columns and stream.processor["itos"] == itos["imdb_lm"]
     streamed = train.run(cfg, recipes.get("imdb"), project, storage=project.runs(".runs"), verbose=False)
     n_train, n_valid = (len(kind.usable(frame[frame["is_valid"] == v])) for v in (False, True))

@@ -155,7 +155,9 @@ class TextClassification(Kind):
         return (TEXT,)
 
     def processor_columns(self, m) -> tuple[str, ...]:
-        return (TEXT,)  # a vocabulary of its own (no starts_from) is fitted on the training texts
+        # none: check() requires starts_from, and processor_from takes the language model's
+        # vocabulary, so the driver reads no text (fit_processor's own vocabulary is never built)
+        return ()
 
     def stream_rows(self, recipe, processor: dict, df) -> dict:
         import numpy as np
