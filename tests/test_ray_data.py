@@ -302,6 +302,7 @@ def test_streamed_text_rows_are_padded_per_batch_in_sortish_chunks(ray_session, 
 
     import ray.data
     import ray.train
+    import torch
     from coursepipe.text.classify import encode, pad_id
 
     m = types.SimpleNamespace(min_freq=1, max_vocab=100)   # what fit_processor reads
@@ -332,8 +333,6 @@ def test_streamed_text_rows_are_padded_per_batch_in_sortish_chunks(ray_session, 
             got += list(zip(n.tolist(), y.tolist()))
             spread.append(int(n.max() - n.min()))
         return sorted(got), spread
-
-    import torch
 
     def lengths(part):
         part = IMDB.kind.usable(part)
