@@ -29,14 +29,21 @@ SORTISH_CHUNK = 50  # batches per sorted chunk (fastai's SortishSampler sorts bs
 
 
 def sortish_batches(lengths: np.ndarray, bs: int, rng: np.random.Generator, chunk: int) -> list[np.ndarray]:
-    """Row indices of batches of similar lengths, in a random order."""
+    """Row indices of whole batches (bs rows; a partial one is dropped, fastai's drop_last) of
+    similar lengths, in a random order."""
     idx = rng.permutation(len(lengths))
     batches = []
     for start in range(0, len(idx), bs * chunk):
         part = idx[start:start + bs * chunk]
         part = part[np.argsort(-lengths[part], kind="stable")]
         batches += [part[i:i + bs] for i in range(0, len(part), bs)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    return [batches[i] for i in rng.permutation(len(batches)) if len(batches[i]) == bs]
+
+
+def longest_first(lengths: np.ndarray, bs: int) -> list[np.ndarray]:
+    """Row indices of batches of every row, longest first (scoring: no padding wasted)."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i:i + bs] for i in range(0, len(order), bs)]
 
 
 class TextBatches:
@@ -53,13 +60,11 @@ class TextBatches:
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         if not self.train:
-            order = np.argsort(-self.lengths, kind="stable")
-            batches = [order[i:i + self.bs] for i in range(0, len(order), self.bs)]
-            return batches[self.rank::self.world]
+            return longest_first(self.lengths, self.bs)[self.rank::self.world]
         # global batches of bs rows, each rank taking its bs / world slice: DDP averages the same
-        # number of steps on every rank; a last partial batch is dropped (fastai's drop_last)
-        batches = [b for b in sortish_batches(self.lengths, self.bs, np.random.default_rng([self.seed, epoch]),
-                                              self.chunk) if len(b) == self.bs]
+        # number of steps on every rank
+        batches = sortish_batches(self.lengths, self.bs, np.random.default_rng([self.seed, epoch]),
+                                  self.chunk)
         local = self.bs // self.world
         return [b[self.rank * local:(self.rank + 1) * local] for b in batches]
 
@@ -77,12 +82,8 @@ def chunk_batches(ids, y: np.ndarray, pad_id: int, bs: int,
     row's id array). Training (rng): sortish_batches over the chunk, a last partial batch dropped
     (a chunk holds whole batches except an epoch's last). Validation (None): longest first, all."""
     lengths = np.array([len(s) for s in ids])
-    if rng is None:
-        order = np.argsort(-lengths, kind="stable")
-        plan = [order[i:i + bs] for i in range(0, len(order), bs)]
-    else:
-        chunk = -(-len(ids) // bs)  # the whole pull is one sorted chunk
-        plan = [b for b in sortish_batches(lengths, bs, rng, chunk) if len(b) == bs]
+    plan = (longest_first(lengths, bs) if rng is None else
+            sortish_batches(lengths, bs, rng, chunk=-(-len(ids) // bs)))  # the pull: one sorted chunk
     return [(pad_right([ids[i] for i in b], pad_id), torch.as_tensor(y[b])) for b in plan]
 
 
