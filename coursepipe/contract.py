@@ -184,10 +184,16 @@ class Kind(abc.ABC):
         different lengths, padded per batch and grouped by length)."""
         return 0
 
-    def stream_batches(self, processor: dict, m, rows: dict, bs: int, rng) -> list[tuple]:
-        """One pulled chunk of decoded rows (stream_rows' columns) -> batches of bs rows as tuples
-        of tensors; rng: a generator seeded by (seed, epoch) when training, None when scoring.
-        A training chunk holds whole batches except an epoch's last, whose rest is dropped."""
+    def stream_steps(self, processor: dict, m, rows: int, bs: int, world: int) -> int:
+        """Steps of one rank's training pass over `rows` usable training rows (global batch bs),
+        for the schedule. Default: its equal share of the rows in batches of bs / world."""
+        return (rows // world) // max(1, bs // world)
+
+    def stream_batches(self, processor: dict, m, chunks, bs: int, rng):
+        """A rank's pass when stream_chunk(m) > 0: the chunks of decoded rows it pulls (dicts of
+        stream_rows' columns) -> its batches of bs rows, as tuples of tensors; rng: a generator
+        seeded by (seed, epoch) when training, None when scoring. Ranks whose passes give
+        different numbers of batches stop together, at the first step one of them has none."""
         raise ContractError(f"kind {self.name} streams fixed-size rows: stream_chunk is 0")
 
     def usable(self, df):

@@ -290,6 +290,25 @@ def test_three_recipes_chain_through_ray_and_predict_from_the_export(project, ra
         [(0, "stream"), (0, ahead), (1, ahead), (1, "cache")]
     acc = streamed.history[-1]["accuracy"]
     assert streamed.epochs_run == 2 and acc * n_valid == pytest.approx(round(acc * n_valid))
+    # a language model streams too: imdb_lm on two ranks (decode tasks share their CPUs). The
+    # driver reads the training texts once, for the vocabulary and the stream's length; each rank
+    # fills its rows with whole texts and the ranks stop together, at the same step
+    raw["recipes"]["imdb_lm"]["train"].update({"data_path": "ray_data", "num_workers": 2,
+                                                "decode_cpus": 0.0})
+    write_params(project.root, raw)
+    cfg, lm = load_cfg(project, "imdb_lm"), recipes.get("imdb_lm")
+    reads.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "load", lambda *a, **k: reads.append((k.get("without"), k.get("valid")))
+                   or real_load(*a, **k))
+        frame, stream = train.load_frame(cfg, lm, project, train.upstream_model(project, cfg))
+    assert reads == [(("text",), None), ((), False)] and "text" not in frame.columns
+    lm_streamed = train.run(cfg, lm, project, storage=project.runs(".runs"), verbose=False)
+    steps = lm.kind.stream_steps(stream.processor, cfg.model, 0, cfg.train.bs, 2)
+    waits = lm_streamed.worker["data_waits"]
+    assert [w["split"] for w in waits] == ["train", "valid"] and 0 < waits[0]["batches"] <= steps
+    assert len(lm_streamed.rank_checksums) == 2 and len(set(lm_streamed.rank_checksums)) == 1
+    assert 0 < lm_streamed.history[-1]["accuracy"] <= 1
     # the classifier's encoder started from imdb_lm's: a missing upstream model is a clear error
     import shutil
     shutil.rmtree(project.model("imdb_lm"))

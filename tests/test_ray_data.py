@@ -366,3 +366,137 @@ def test_streamed_text_rows_are_padded_per_batch_in_sortish_chunks(ray_session, 
         assert len(mine) == len(theirs) == len(train) == len(other) == 30
         assert all(len(y) == 8 for _, y in mine + theirs)
         assert rows(mine + theirs)[0] == lengths(df[~df["is_valid"]])  # 480 rows, each once
+
+
+# ----------------------------------------------------------------------------- language-model texts
+
+def corpus_model(seq_len: int):
+    from coursepipe.kinds.language_model import AWDLSTMModel
+    return AWDLSTMModel(arch="awd_lstm", emb_sz=8, n_hid=8, n_layers=1, drop_mult=0.0, embed_p=0.0,
+                        weight_p=0.0, input_p=0.0, hidden_p=0.0, output_p=0.0, embed_init=0.1,
+                        seq_len=seq_len, min_freq=1, max_vocab=100)
+
+
+def thread_agreement(world: int):
+    """ShardBatches' `agree` for ranks that are threads: True when every rank has a batch."""
+    import threading
+
+    gate, votes, lock = threading.Barrier(world), [], threading.Lock()
+
+    def agree(have: bool) -> bool:
+        with lock:
+            votes.append(have)
+        gate.wait()
+        out = all(votes[-world:])
+        gate.wait()  # every rank has read this step's votes before any votes again
+        return out
+    return agree
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_streamed_lm_texts_fill_each_ranks_rows_and_ranks_stop_together(ray_session, monkeypatch, world):
+    """Real Ray Data: a language model's decode tasks emit each text's ids; a rank fills its
+    bs / world rows with the whole texts its shard hands over (lm_data.lane_batches), and ranks
+    whose texts give different numbers of batches stop at the same step, reading the rest of
+    their shard (a second epoch streams again); rank 0 scores the validation texts."""
+    import functools
+    import threading
+
+    import pandas as pd
+    import ray.data
+    import ray.train
+    import torch
+    from coursepipe.text.lm_data import lane_batches
+    from coursepipe.text.tokenizer import encode
+
+    lm, m = recipes.get("imdb_lm"), corpus_model(seq_len=6)
+    rng = np.random.default_rng(1)
+    words = "good bad film plot actor boring great the a and".split()
+    # lengths from 2 to 80 words: the two halves of the rows rarely hold the same tokens
+    texts = [" ".join(rng.choice(words, n)) for n in rng.integers(2, 80, 100 * world + 30)]
+    df = pd.DataFrame({"text": texts, "is_valid": [False] * 100 * world + [True] * 30})
+    train_df = df[~df["is_valid"]]
+    processor = lm.kind.fit_processor(lm, train_df, m)
+
+    def dataset(valid: bool):
+        part = df[df["is_valid"] == valid]
+        blocks = [part.iloc[i:i + 10] for i in range(0, len(part), 10)]
+        return ray.data.from_pandas(blocks).map_batches(
+            functools.partial(decode_rows, lm, processor, m), batch_format="pandas", batch_size=8)
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", False)
+    monkeypatch.setattr(ctx.execution_options, "preserve_order", True)
+    shard = {"train": dataset(False).streaming_split(world, equal=True),
+             "valid": [dataset(True).iterator()]}
+    rank_of = lambda: int(threading.current_thread().name == "rank 1")  # noqa: E731
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shard[name][rank_of()])
+    received: dict[int, list] = {0: [], 1: []}   # the texts each rank's pass was handed
+
+    def regroup(chunks, bs, rng):
+        def record(chunks):
+            for rows in chunks:
+                received[rank_of()].extend(rows["t0"])
+                yield rows
+        return lm.kind.stream_batches(processor, m, record(chunks), bs, rng)
+
+    bs, rows = 4 * world, len(train_df)
+    kw = {"chunk": lm.kind.stream_chunk(m), "regroup": regroup,
+          "steps": lm.kind.stream_steps(processor, m, rows, bs, world),
+          "agree": thread_agreement(world) if world > 1 else None}
+    ranks = [ShardBatches("train", rows, bs, r, world, 5, True, 16, **kw) for r in range(world)]
+    key = lambda ids: tuple(ids.tolist())  # noqa: E731
+    firsts = []
+    for epoch in (0, 1):
+        for r in received:
+            received[r].clear()
+        got: dict[int, list] = {}
+        peer = threading.Thread(target=lambda: got.update({1: list(ranks[1](epoch))}), name="rank 1") \
+            if world > 1 else None
+        if peer:
+            peer.start()
+        got[0] = list(ranks[0](epoch))
+        if peer:
+            peer.join()
+        # every training text handed to one rank, once, whole (the rest of a pass read too)
+        handed = sorted(key(ids) for r in range(world) for ids in received[r])
+        assert handed == sorted(key(ids) for ids in encode(processor["itos"], train_df["text"]))
+        # each rank's batches are its rows filled from what it was handed, cut where the rank
+        # with the fewest batches ran dry; at most the even-share estimate the schedule uses
+        alone = [list(lane_batches(received[r], bs // world, 6, train=True)) for r in range(world)]
+        steps = min(len(a) for a in alone)
+        assert [len(got[r]) for r in range(world)] == [steps] * world
+        assert 0.8 * len(ranks[0]) <= steps <= len(ranks[0])
+        for r in range(world):
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                       for a, b in zip(got[r], alone[r][:steps]))
+        firsts.append(got[0][0][0])
+    assert not torch.equal(*firsts)   # the local shuffle hands the texts over in another order
+    valid = ShardBatches("valid", 30, 8, 0, 1, 5, False, 16, **{**kw, "agree": None, "steps": None})
+    scored = list(valid())
+    valid_ids = encode(processor["itos"], df.loc[df["is_valid"], "text"])
+    tokens = sum(x.numel() for x, _ in scored)
+    assert all(x.shape[0] == 8 for x, _ in scored) and scored[-1][0].shape[1] <= 6
+    assert sum(map(len, valid_ids)) - 8 * max(map(len, valid_ids)) <= tokens < sum(map(len, valid_ids))
+
+
+def test_ranks_with_different_numbers_of_batches_stop_together_and_read_their_rest():
+    """together(): one agreement per step; the rank with more batches stops where the other ran
+    out and still reads its pass to the end (its Ray Data execution must finish)."""
+    import threading
+
+    from coursepipe.distributed.ray_train import together
+
+    agree, read, got = thread_agreement(2), {0: [], 1: []}, {}
+
+    def source(rank: int, n: int):
+        for i in range(n):
+            read[rank].append(i)
+            yield i
+
+    peer = threading.Thread(target=lambda: got.update({1: list(together(source(1, 7), agree))}))
+    peer.start()
+    got[0] = list(together(source(0, 4), agree))
+    peer.join(timeout=30)
+    assert not peer.is_alive() and got == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    assert read == {0: [0, 1, 2, 3], 1: list(range(7))}

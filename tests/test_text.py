@@ -8,9 +8,9 @@ import torch
 from coursepipe.learn.loop import Learner
 from coursepipe.models.rnn import build, lm_accuracy, lm_loss
 from coursepipe.text.callbacks import ResetState
-from coursepipe.text.lm_data import Jitter, LMBatches, rows_of, seq_lengths
+from coursepipe.text.lm_data import Jitter, LMBatches, lane_batches, lane_steps, rows_of, seq_lengths
 from coursepipe.text.tokenizer import (BOS, FAKE, MAJ, PAD, REP, SPECIALS, UNK, UP, WREP, document,
-                                       make_vocab, numericalize, tokenize, windows)
+                                       make_vocab, numericalize, text_tokens, tokenize, windows)
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +114,55 @@ def test_jittered_lengths_vary_are_seeded_and_cover_the_stream():
 def test_rows_of_rejects_a_too_short_stream():
     with pytest.raises(ValueError, match="too short"):
         rows_of(torch.arange(3), bs=4)
+
+
+def numbered_texts(lengths) -> list[np.ndarray]:
+    """Texts whose ids number every token of the corpus in order (text i holds a run of them)."""
+    ends = np.cumsum(lengths)
+    return [np.arange(e - n, e) for n, e in zip(lengths, ends)]
+
+
+def test_streamed_lm_rows_are_whole_texts_in_arrival_order_and_stop_at_the_first_dry_row():
+    texts = numbered_texts(np.random.default_rng(0).integers(1, 40, 60))   # 1-39 tokens each
+    total = sum(len(t) for t in texts)
+    train = list(lane_batches(texts, lanes=4, bptt=9, train=True))
+    assert all(x.shape == (4, 9) and torch.equal(y[:, :-1], x[:, 1:]) for x, y in train)
+    # a row read across its batches: x then its last target, one contiguous run of whole texts
+    x = torch.cat([b[0] for b in train], 1)
+    first = {int(t[0]): i for i, t in enumerate(texts)}
+    for r in range(4):
+        read = torch.cat([x[r], train[-1][1][r, -1:]]).tolist()
+        starts = [i for i, v in enumerate(read) if v in first]
+        assert starts[0] == 0                                     # a row begins with a whole text
+        for a, b in zip(starts, starts[1:]):                      # ... and holds each one whole
+            assert read[a:b] == texts[first[read[a]]].tolist()
+    # every text goes to one row only, in order, and rows take turns as they run low
+    owner = {first[v]: r for r in range(4) for v in torch.cat([x[r], train[-1][1][r]]).tolist() if v in first}
+    assert sorted(owner) == list(range(len(owner))) and len(set(owner.values())) == 4
+    # training stops at the first batch a row cannot fill, once the texts ran out: each row is left
+    # with under one text (<= 39 tokens) and a batch, so the even-share estimate is near
+    assert lane_steps(total, 4, 9) - (39 + 9) // 9 <= len(train) <= lane_steps(total, 4, 9)
+    # scoring reads on: the same full batches, then a shorter one of what every row still has
+    scored = list(lane_batches(texts, lanes=4, bptt=9, train=False))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(train, scored))
+    assert [b[0].shape[1] for b in scored[len(train):]] in ([], *([[n] for n in range(1, 9)]))
+    assert list(lane_batches(texts[:2], lanes=4, bptt=9, train=True)) == []  # too few texts: none
+
+
+def test_lm_processor_counts_the_training_stream_text_by_text():
+    from coursepipe import recipes
+    from coursepipe.kinds.language_model import AWDLSTMModel
+    from coursepipe.text.tokenizer import stream
+
+    lm = recipes.get("imdb_lm")
+    m = AWDLSTMModel(arch="awd_lstm", emb_sz=8, n_hid=8, n_layers=1, drop_mult=0.0, embed_p=0.0,
+                     weight_p=0.0, input_p=0.0, hidden_p=0.0, output_p=0.0, embed_init=0.1,
+                     seq_len=8, min_freq=1, max_vocab=50)
+    import pandas as pd
+    df = pd.DataFrame({"text": ["A fine film.", "Dull,  dull <br /> DULL!", "fine fine film"]})
+    processor = lm.kind.fit_processor(lm, df, m)
+    assert processor["train_tokens"] == len(stream(processor, df["text"])) > 3 * 3
+    assert processor["itos"] == make_vocab(text_tokens(processor, df["text"]), 1, 50)  # one vocabulary
 
 
 # ----------------------------------------------------------------------------- state reset

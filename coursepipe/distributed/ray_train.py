@@ -299,9 +299,10 @@ class ShardBatches:
     def __init__(self, split: str, rows: int, bs: int, rank: int, world: int, seed: int,
                  train: bool, buffer: int, cache_bytes: int = 0, last_epoch: int = 0,
                  clock: dict | None = None, siblings: dict | None = None, chunk: int = 0,
-                 regroup=None):
+                 regroup=None, steps: int | None = None, agree=None):
         self.split, self.seed, self.train, self.buffer = split, seed, train, buffer
         self.chunk, self.regroup = chunk, regroup  # Kind.stream_chunk, Kind.stream_batches
+        self.agree = agree  # all_ranks_have(): train passes whose ranks may run out apart
         self.siblings = siblings if siblings is not None else {}
         self.siblings[split] = self
         self.cache_bytes, self.last_epoch = cache_bytes, last_epoch
@@ -310,7 +311,7 @@ class ShardBatches:
         self.ahead: Ahead | None = None
         if train:
             self.bs = max(1, bs // world)
-            self.n = (rows // world) // self.bs
+            self.n = (rows // world) // self.bs if steps is None else steps  # Kind.stream_steps
         else:
             self.bs = bs
             self.n = -(-rows // bs) if rank == 0 else 0
@@ -335,7 +336,10 @@ class ShardBatches:
                                     and epoch < self.last_epoch else None)
         size = 0
         waits = DataWaits(self.split, epoch, "stream" if ahead is None else "stream, started ahead")
-        for batch in waits.timed(ahead.batches() if ahead is not None else self.stream(epoch)):
+        source = ahead.batches() if ahead is not None else self.stream(epoch)
+        if self.train and self.agree is not None:
+            source = together(source, self.agree)
+        for batch in waits.timed(source):
             if keep is not None:
                 size += held_bytes(batch)
                 if size <= self.cache_bytes:
@@ -369,11 +373,38 @@ class ShardBatches:
             for b in shard.iter_torch_batches(batch_size=pull, drop_last=self.train, **shuffle):
                 yield tuple(b[f"t{i}"] for i in range(len(b)))
             return
-        # the kind makes the batches of each chunk (text: grouped by length, padded per batch);
-        # the chunks come in one order per seed and epoch, so one generator replays them
+        # the kind makes the batches from the chunks it pulls (text: grouped by length, padded per
+        # batch; language models: rows filled with whole texts); the chunks come in one order per
+        # seed and epoch, so one generator replays them
         rng = np.random.default_rng([self.seed, epoch]) if self.train else None
-        for rows in shard.iter_batches(batch_size=pull, batch_format="numpy", **shuffle):
-            yield from self.regroup(rows, self.bs, rng)
+        yield from self.regroup(shard.iter_batches(batch_size=pull, batch_format="numpy", **shuffle),
+                                self.bs, rng)
+
+
+def together(batches, agree):
+    """A rank's batches while every rank has one. Ranks agree before each step (`agree(have)`:
+    True when all have a batch), so when one runs out the others stop at the same step (DDP
+    needs every rank in every step; a rank left alone waits forever). The rest of a pass that
+    stopped early is read to its end, unused, so its Ray Data execution finishes."""
+    it = iter(batches)
+    for batch in it:
+        if not agree(True):
+            for _ in it:
+                pass
+            return
+        yield batch
+    agree(False)
+
+
+def all_ranks_have(device):
+    """`together`'s agreement over the Ray Train worker group: a MIN all_reduce of one flag."""
+    import torch.distributed as dist
+
+    def agree(have: bool) -> bool:
+        flag = torch.tensor([int(have)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return agree
 
 
 def shuffle_rows(buffer: int, bs: int) -> int:
@@ -392,13 +423,21 @@ def shard_batches(t: Train):
     clock, siblings = {"epoch": 0}, {}
 
     def batches(recipe, processor, df, m, bs, rank, world, seed, train):
+        import ray.train.torch
+
+        kind = recipe.kind
         # the run's last global epoch: the kind's plan (ULMFiT's unfreezing steps have their own)
-        last = sum(phase.epochs for phase in recipe.kind.plan(m, t)) - 1
-        return ShardBatches("train" if train else "valid", len(recipe.kind.usable(df)), bs, rank,
-                            world, seed, train, t.shuffle_buffer,
-                            cache_bytes=int(t.valid_cache_mb * 2 ** 20), last_epoch=last, clock=clock,
-                            siblings=siblings, chunk=recipe.kind.stream_chunk(m),
-                            regroup=functools.partial(recipe.kind.stream_batches, processor, m))
+        last = sum(phase.epochs for phase in kind.plan(m, t)) - 1
+        rows, chunk = len(kind.usable(df)), kind.stream_chunk(m)
+        # batches the kind makes itself may differ in number between ranks (a language model's
+        # texts fill its rows at their own pace): ranks agree at every step
+        agree = all_ranks_have(ray.train.torch.get_device()) if train and chunk and world > 1 else None
+        return ShardBatches("train" if train else "valid", rows, bs, rank, world, seed, train,
+                            t.shuffle_buffer, cache_bytes=int(t.valid_cache_mb * 2 ** 20),
+                            last_epoch=last, clock=clock, siblings=siblings, chunk=chunk,
+                            regroup=functools.partial(kind.stream_batches, processor, m),
+                            steps=kind.stream_steps(processor, m, rows, bs, world) if train else None,
+                            agree=agree)
     return batches
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from coursepipe.config import ConfigError, Section, positive
 from coursepipe.contract import Evaluation, Kind
 
+TEXT = "text"  # the corpus recipes' text column (the streaming path's heavy column)
+
 
 @dataclass(frozen=True)
 class LMModel(Section):
@@ -110,15 +112,23 @@ class LanguageModel(Kind):
 
     def fit_processor(self, recipe, train, m) -> dict:
         """The vocabulary of the training document, and what the export needs to rebuild windows."""
+        from collections import Counter
+
         from coursepipe.models.rnn import LAST_STEP
-        from coursepipe.text.tokenizer import make_vocab, text_tokens
+        from coursepipe.text.tokenizer import make_vocab, text_tokens, tokenize, vocab_of
 
         text = recipe.schema.target
         if isinstance(m, AWDLSTMModel):  # a corpus of texts, each its own xxbos document
-            state = {"bos_each": True, "sep": ""}
-            itos = make_vocab(text_tokens(state, train[text]), m.min_freq, m.max_vocab)
-            return {**state, "itos": itos, "text_column": text, "seq_len": m.seq_len,
-                    "arch": m.arch, "last_step": False}
+            # counted text by text: the driver of a streaming run fits this, and a list of every
+            # token of a 25M-token corpus would be GBs of str objects
+            counts, n = Counter(), 0
+            for doc in train[text]:
+                tokens = tokenize(str(doc))
+                counts.update(tokens)
+                n += len(tokens)
+            return {"bos_each": True, "sep": "", "itos": vocab_of(counts, m.min_freq, m.max_vocab),
+                    "text_column": text, "seq_len": m.seq_len, "arch": m.arch, "last_step": False,
+                    "train_tokens": n}  # the training stream's length (stream_steps)
         itos = make_vocab(text_tokens({"sep": m.sep}, train[text]), m.min_freq, m.max_vocab)
         return {"itos": itos, "sep": m.sep, "text_column": text,
                 "seq_len": 3 if m.arch == "rnn3" else m.seq_len,
@@ -145,6 +155,42 @@ class LanguageModel(Kind):
             if train and getattr(m, "bptt_jitter", False) and not processor["last_step"] else None
         return LMBatches(ids, bs, processor["seq_len"], rank, world, seed,
                          jitter=jitter, full_only=processor["last_step"])
+
+    # the streaming path (train.data_path: ray_data), for corpora of texts (AWD-LSTM): Ray Data's
+    # tasks tokenise each text; a rank fills its bs / world rows with whole texts as they arrive
+    # (text/lm_data.lane_batches). Not the lesson's models: human_numbers is one document whose
+    # order is the data, and a shuffle of its rows would be another task.
+    def check(self, recipe, cfg) -> None:
+        if cfg.train.data_path == "ray_data" and isinstance(cfg.model, AWDLSTMModel) \
+                and recipe.schema.target != TEXT:
+            raise ConfigError(f"train.data_path: ray_data streams the text column {TEXT!r}; this "
+                              f"recipe's texts are in {recipe.schema.target!r} (use memory)")
+
+    def heavy_columns(self, m) -> tuple[str, ...]:
+        return (TEXT,) if isinstance(m, AWDLSTMModel) else ()
+
+    def processor_columns(self, m) -> tuple[str, ...]:
+        return (TEXT,)  # the vocabulary and the stream's length, from the training texts
+
+    def stream_rows(self, recipe, processor: dict, df) -> dict:
+        import numpy as np
+        from coursepipe.text.tokenizer import encode
+        ragged = np.empty(len(df), dtype=object)  # one id array per text: Ray keeps them ragged
+        ragged[:] = encode(processor["itos"], df[processor["text_column"]])
+        return {"t0": ragged}
+
+    def stream_chunk(self, m) -> int:
+        from coursepipe.text.lm_data import TEXTS_PER_ROW
+        return TEXTS_PER_ROW
+
+    def stream_steps(self, processor: dict, m, rows: int, bs: int, world: int) -> int:
+        from coursepipe.text.lm_data import lane_steps
+        return lane_steps(processor["train_tokens"], bs, processor["seq_len"])
+
+    def stream_batches(self, processor: dict, m, chunks, bs: int, rng):
+        from coursepipe.text.lm_data import lane_batches
+        texts = (ids for rows in chunks for ids in rows["t0"])
+        return lane_batches(texts, bs, processor["seq_len"], train=rng is not None)
 
     def build_model(self, recipe, processor: dict, m):
         if isinstance(m, AWDLSTMModel):

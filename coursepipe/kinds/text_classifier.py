@@ -170,9 +170,10 @@ class TextClassification(Kind):
         from coursepipe.text.classify import SORTISH_CHUNK
         return SORTISH_CHUNK
 
-    def stream_batches(self, processor: dict, m, rows: dict, bs: int, rng) -> list[tuple]:
+    def stream_batches(self, processor: dict, m, chunks, bs: int, rng):
         from coursepipe.text.classify import chunk_batches, pad_id
-        return chunk_batches(rows["t0"], rows["t1"], pad_id(processor["itos"]), bs, rng)
+        pad = pad_id(processor["itos"])
+        return (b for rows in chunks for b in chunk_batches(rows["t0"], rows["t1"], pad, bs, rng))
 
     def build_model(self, recipe, processor: dict, m: TextClassifierModel):
         from coursepipe.models.awd_lstm import TextClassifier

@@ -12,12 +12,8 @@ import numpy as np
 import torch
 
 from coursepipe.export import portable_lm
-from coursepipe.export.portable_lm import PAD, numericalize, tokenize
-
-
-def encode(itos: list[str], texts) -> list[np.ndarray]:
-    """Each text's ids (xxbos first), as the exported predictor computes them."""
-    return [numericalize(tokenize(str(t)), itos) for t in texts]
+from coursepipe.export.portable_lm import PAD
+from coursepipe.text.tokenizer import encode  # noqa: F401  (the classifier's public API)
 
 
 def pad_right(seqs: list[np.ndarray], pad_id: int) -> torch.Tensor:

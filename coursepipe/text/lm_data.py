@@ -7,10 +7,16 @@ min_len. Lengths are drawn from a generator seeded by (seed, epoch), identical o
 all ranks take the same number of steps and a resumed epoch replays exactly.
 Under data parallelism each rank reads its own contiguous block of rows (rank r: rows
 [r*bs/world, (r+1)*bs/world)), i.e. its own contiguous slice of the stream.
+
+The streaming path (`train.data_path: ray_data`, `lane_batches`) cannot cut a stream it never
+holds whole: a rank's rows are filled with whole texts as Ray Data hands them over, each row
+taking the next text when it has fewer tokens left than the next batch reads. A row is still one
+contiguous run of whole texts, so the state a stateful RNN carries is as meaningful as above.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -68,3 +74,45 @@ class LMBatches:
                 break
             yield self.rows[:, pos:pos + n], self.rows[:, pos + 1:pos + n + 1]
             pos += n
+
+
+# texts a streaming rank pulls from Ray Data per row of its batch at a time (Kind.stream_chunk):
+# a pull lasts a few batches (an IMDB review is ~270 tokens, a batch reads 72 of each row)
+TEXTS_PER_ROW = 4
+
+
+def lane_batches(texts: Iterable[np.ndarray], lanes: int, bptt: int,
+                 train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches of `lanes` rows, bptt tokens each, from texts' id arrays in arrival order:
+    before each batch, every row short of bptt + 1 tokens takes the next texts (row 0 first).
+    Training ends at the first batch some row cannot fill (texts of different lengths leave each
+    row under one text at the end); scoring (train False) ends with a shorter batch of the tokens
+    every row still has, so each row's unscored rest is under one text."""
+    texts = iter(texts)
+    held: list[list[np.ndarray]] = [[] for _ in range(lanes)]
+    have = np.zeros(lanes, dtype=np.int64)
+    while True:
+        for i in range(lanes):
+            while have[i] < bptt + 1:
+                ids = next(texts, None)
+                if ids is None:
+                    break
+                held[i].append(np.asarray(ids, dtype=np.int64))
+                have[i] += len(ids)
+        n = bptt if have.min() >= bptt + 1 else (0 if train else int(have.min()) - 1)
+        if n < 1:
+            return
+        rows = [np.concatenate(h) if len(h) > 1 else h[0] for h in held]
+        x = np.stack([r[:n] for r in rows])
+        y = np.stack([r[1:n + 1] for r in rows])
+        held = [[r[n:]] for r in rows]  # the next batch starts where this one's x ended
+        have -= n
+        yield torch.from_numpy(x), torch.from_numpy(y)
+        if n < bptt:
+            return
+
+
+def lane_steps(tokens: int, bs: int, bptt: int) -> int:
+    """Full batches of bptt tokens in each of bs rows that share `tokens` evenly: the streaming
+    path's steps per epoch (a rank whose texts run out sooner stops there with every rank)."""
+    return max(0, (tokens // bs - 1) // bptt)
