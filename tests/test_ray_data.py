@@ -398,7 +398,8 @@ def test_streamed_lm_texts_fill_each_ranks_rows_and_ranks_stop_together(ray_sess
     """Real Ray Data: a language model's decode tasks emit each text's ids; a rank fills its
     bs / world rows with the whole texts its shard hands over (lm_data.lane_batches), and ranks
     whose texts give different numbers of batches stop at the same step, reading the rest of
-    their shard (a second epoch streams again); rank 0 scores the validation texts."""
+    their shard (a second epoch streams again); rank 0 scores the validation texts in the memory
+    path's layout."""
     import functools
     import threading
 
@@ -463,7 +464,7 @@ def test_streamed_lm_texts_fill_each_ranks_rows_and_ranks_stop_together(ray_sess
         assert handed == sorted(key(ids) for ids in encode(processor["itos"], train_df["text"]))
         # each rank's batches are its rows filled from what it was handed, cut where the rank
         # with the fewest batches ran dry; at most the even-share estimate the schedule uses
-        alone = [list(lane_batches(received[r], bs // world, 6, train=True)) for r in range(world)]
+        alone = [list(lane_batches(received[r], bs // world, 6)) for r in range(world)]
         steps = min(len(a) for a in alone)
         assert [len(got[r]) for r in range(world)] == [steps] * world
         assert 0.8 * len(ranks[0]) <= steps <= len(ranks[0])
@@ -472,12 +473,12 @@ def test_streamed_lm_texts_fill_each_ranks_rows_and_ranks_stop_together(ray_sess
                        for a, b in zip(got[r], alone[r][:steps]))
         firsts.append(got[0][0][0])
     assert not torch.equal(*firsts)   # the local shuffle hands the texts over in another order
+    # rank 0 scores the validation texts cut as the memory path cuts them (the same metrics)
     valid = ShardBatches("valid", 30, 8, 0, 1, 5, False, 16, **{**kw, "agree": None, "steps": None})
-    scored = list(valid())
-    valid_ids = encode(processor["itos"], df.loc[df["is_valid"], "text"])
-    tokens = sum(x.numel() for x, _ in scored)
-    assert all(x.shape[0] == 8 for x, _ in scored) and scored[-1][0].shape[1] <= 6
-    assert sum(map(len, valid_ids)) - 8 * max(map(len, valid_ids)) <= tokens < sum(map(len, valid_ids))
+    memory = lm.kind.batches(lm, processor, df[df["is_valid"]], m, 8, 0, 1, 5, False)
+    scored, expected = list(valid()), list(memory(0))
+    assert len(scored) == len(expected) > 1
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(scored, expected))
 
 
 def test_ranks_with_different_numbers_of_batches_stop_together_and_read_their_rest():

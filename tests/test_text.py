@@ -125,7 +125,7 @@ def numbered_texts(lengths) -> list[np.ndarray]:
 def test_streamed_lm_rows_are_whole_texts_in_arrival_order_and_stop_at_the_first_dry_row():
     texts = numbered_texts(np.random.default_rng(0).integers(1, 40, 60))   # 1-39 tokens each
     total = sum(len(t) for t in texts)
-    train = list(lane_batches(texts, lanes=4, bptt=9, train=True))
+    train = list(lane_batches(texts, lanes=4, bptt=9))
     assert all(x.shape == (4, 9) and torch.equal(y[:, :-1], x[:, 1:]) for x, y in train)
     # a row read across its batches: x then its last target, one contiguous run of whole texts
     x = torch.cat([b[0] for b in train], 1)
@@ -142,11 +142,7 @@ def test_streamed_lm_rows_are_whole_texts_in_arrival_order_and_stop_at_the_first
     # training stops at the first batch a row cannot fill, once the texts ran out: each row is left
     # with under one text (<= 39 tokens) and a batch, so the even-share estimate is near
     assert lane_steps(total, 4, 9) - (39 + 9) // 9 <= len(train) <= lane_steps(total, 4, 9)
-    # scoring reads on: the same full batches, then a shorter one of what every row still has
-    scored = list(lane_batches(texts, lanes=4, bptt=9, train=False))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(train, scored))
-    assert [b[0].shape[1] for b in scored[len(train):]] in ([], *([[n] for n in range(1, 9)]))
-    assert list(lane_batches(texts[:2], lanes=4, bptt=9, train=True)) == []  # too few texts: none
+    assert list(lane_batches(texts[:2], lanes=4, bptt=9)) == []  # too few texts: no batch
 
 
 def test_lm_processor_counts_the_training_stream_text_by_text():

@@ -158,8 +158,9 @@ class LanguageModel(Kind):
 
     # the streaming path (train.data_path: ray_data), for corpora of texts (AWD-LSTM): Ray Data's
     # tasks tokenise each text; a rank fills its bs / world rows with whole texts as they arrive
-    # (text/lm_data.lane_batches). Not the lesson's models: human_numbers is one document whose
-    # order is the data, and a shuffle of its rows would be another task.
+    # (text/lm_data.lane_batches); rank 0 scores the validation split as the memory path does.
+    # Not the lesson's models: human_numbers is one document whose order is the data, and a
+    # shuffle of its rows would be another task.
     def check(self, recipe, cfg) -> None:
         if cfg.train.data_path == "ray_data" and isinstance(cfg.model, AWDLSTMModel) \
                 and recipe.schema.target != TEXT:
@@ -188,9 +189,15 @@ class LanguageModel(Kind):
         return lane_steps(processor["train_tokens"], bs, processor["seq_len"])
 
     def stream_batches(self, processor: dict, m, chunks, bs: int, rng):
-        from coursepipe.text.lm_data import lane_batches
+        import numpy as np
+        import torch
+        from coursepipe.text.lm_data import LMBatches, lane_batches
         texts = (ids for rows in chunks for ids in rows["t0"])
-        return lane_batches(texts, bs, processor["seq_len"], train=rng is not None)
+        if rng is not None:
+            return lane_batches(texts, bs, processor["seq_len"])
+        # scoring, on rank 0: the split's stream cut as the memory path and evaluate cut it (filled
+        # rows would leave up to a text per row unscored: a third of the IMDB sample's tokens)
+        return LMBatches(torch.from_numpy(np.concatenate(list(texts))), bs, processor["seq_len"])(0)
 
     def build_model(self, recipe, processor: dict, m):
         if isinstance(m, AWDLSTMModel):

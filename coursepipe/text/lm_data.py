@@ -8,10 +8,12 @@ all ranks take the same number of steps and a resumed epoch replays exactly.
 Under data parallelism each rank reads its own contiguous block of rows (rank r: rows
 [r*bs/world, (r+1)*bs/world)), i.e. its own contiguous slice of the stream.
 
-The streaming path (`train.data_path: ray_data`, `lane_batches`) cannot cut a stream it never
-holds whole: a rank's rows are filled with whole texts as Ray Data hands them over, each row
-taking the next text when it has fewer tokens left than the next batch reads. A row is still one
-contiguous run of whole texts, so the state a stateful RNN carries is as meaningful as above.
+The streaming path (`train.data_path: ray_data`, `lane_batches`) cannot cut a training stream it
+never holds whole: a rank's rows are filled with whole texts as Ray Data hands them over, each
+row taking the next text when it has fewer tokens left than the next batch reads. A row is still
+one contiguous run of whole texts, so the state a stateful RNN carries is as meaningful as above.
+Scoring keeps LMBatches' layout (rank 0 holds the validation split's ids, 8 bytes a token), so
+the validation metrics are the memory path's and the evaluate stage's.
 """
 from __future__ import annotations
 
@@ -81,13 +83,12 @@ class LMBatches:
 TEXTS_PER_ROW = 4
 
 
-def lane_batches(texts: Iterable[np.ndarray], lanes: int, bptt: int,
-                 train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches of `lanes` rows, bptt tokens each, from texts' id arrays in arrival order:
-    before each batch, every row short of bptt + 1 tokens takes the next texts (row 0 first).
-    Training ends at the first batch some row cannot fill (texts of different lengths leave each
-    row under one text at the end); scoring (train False) ends with a shorter batch of the tokens
-    every row still has, so each row's unscored rest is under one text."""
+def lane_batches(texts: Iterable[np.ndarray], lanes: int,
+                 bptt: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training (x, y) batches of `lanes` rows, bptt tokens each, from texts' id arrays in arrival
+    order: before each batch, every row short of bptt + 1 tokens takes the next texts (row 0
+    first). Ends at the first batch some row cannot fill, once the texts ran out (each row is
+    left with under one text)."""
     texts = iter(texts)
     held: list[list[np.ndarray]] = [[] for _ in range(lanes)]
     have = np.zeros(lanes, dtype=np.int64)
@@ -96,20 +97,15 @@ def lane_batches(texts: Iterable[np.ndarray], lanes: int, bptt: int,
             while have[i] < bptt + 1:
                 ids = next(texts, None)
                 if ids is None:
-                    break
+                    return
                 held[i].append(np.asarray(ids, dtype=np.int64))
                 have[i] += len(ids)
-        n = bptt if have.min() >= bptt + 1 else (0 if train else int(have.min()) - 1)
-        if n < 1:
-            return
         rows = [np.concatenate(h) if len(h) > 1 else h[0] for h in held]
-        x = np.stack([r[:n] for r in rows])
-        y = np.stack([r[1:n + 1] for r in rows])
-        held = [[r[n:]] for r in rows]  # the next batch starts where this one's x ended
-        have -= n
+        x = np.stack([r[:bptt] for r in rows])
+        y = np.stack([r[1:bptt + 1] for r in rows])
+        held = [[r[bptt:]] for r in rows]  # the next batch starts where this one's x ended
+        have -= bptt
         yield torch.from_numpy(x), torch.from_numpy(y)
-        if n < bptt:
-            return
 
 
 def lane_steps(tokens: int, bs: int, bptt: int) -> int:
