@@ -3,11 +3,14 @@
     python bench/memory.py                                   # 1,000 and 20,000 images, both paths
     python bench/memory.py --sizes 1000 5000 --paths ray_data
     python bench/memory.py --text ../shared/data/imdb_full.tgz   # 1,000 and 20,000 IMDB reviews
+    python bench/memory.py --text ../shared/data/imdb_full.tgz --lm   # ... as a language model
 
 `--text`: the same for the text classifier (`imdb`) on that many of a real aclImdb archive's
 training reviews (`prepare.max_train`; 500 test reviews score), from a tiny language-model chain
 trained once on the synthetic default (imdb_pretrain -> imdb_lm, 1 epoch each): a tiny AWD-LSTM,
 1 epoch, bs 64, gradients through the last 72 tokens. Only the classifier's train stage is timed.
+`--lm`: the language model (`imdb_pretrain`) on that many of the archive's corpus texts
+(`prepare.max_texts`; 10% of them score), the same tiny AWD-LSTM, 1 epoch, bs 64, bptt 72.
 
 Generates pets-sized photos-like JPEGs (224 px, tens of kB each, 4 classes of textures) into an
 own_images archive in fastai's class-folder layout, prepares and validates it once per size, then
@@ -112,6 +115,15 @@ def text_params(src: Path, threads: int) -> dict:
     return raw
 
 
+def lm_params(src: Path, threads: int) -> dict:
+    """imdb_pretrain alone with text_params' tiny AWD-LSTM, reading its corpus from `src`."""
+    raw = text_params(src, threads)
+    lm = raw["recipes"]["imdb_pretrain"]
+    lm["sources"]["bench"], lm["source"] = raw["recipes"]["imdb"]["sources"]["bench"], "bench"
+    raw["recipes"] = {"imdb_pretrain": lm}
+    return raw
+
+
 def set_params(root: Path, recipe: str, section: str, **values) -> None:
     raw = yaml.safe_load((root / "params.yaml").read_text())
     raw["recipes"][recipe][section].update(values)
@@ -169,6 +181,21 @@ def image_rows(args, work: Path) -> list[dict]:
     return rows
 
 
+def lm_rows(args, work: Path) -> list[dict]:
+    root = new_root(work / "root-lm", lm_params(Path(args.text).resolve(), args.threads))
+    cli(root, "fetch", "imdb_pretrain", "--no-dvc")
+    cli(root, "gx-init", "imdb_pretrain")
+    rows = []
+    for n in args.sizes:
+        set_params(root, "imdb_pretrain", "prepare", max_texts=n)
+        cli(root, "prepare", "imdb_pretrain")
+        cli(root, "validate", "imdb_pretrain")
+        table = root / "prepared" / "imdb_pretrain" / "table.parquet"
+        print(f"{n} texts: prepared table {table.stat().st_size / 1e6:.1f} MB", flush=True)
+        rows += [measure(root, "imdb_pretrain", n, path) for path in args.paths]
+    return rows
+
+
 def text_rows(args, work: Path) -> list[dict]:
     root = new_root(work / "root-text", text_params(Path(args.text).resolve(), args.threads))
     for recipe in TEXT_CHAIN:  # the language models once; the classifier's table per size below
@@ -197,13 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-side", type=int, default=64, help="model input side, px")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--text", help="an aclImdb archive: measure the text classifier on its reviews")
+    ap.add_argument("--lm", action="store_true", help="with --text: the language model instead")
     ap.add_argument("--work", default="/tmp/coursepipe-bench-memory")
     args = ap.parse_args(argv)
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
-    rows = (text_rows if args.text else image_rows)(args, Path(args.work))
+    rows = (lm_rows if args.lm else text_rows if args.text else image_rows)(args, Path(args.work))
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     lo, hi = min(args.sizes), max(args.sizes)
-    unit = "reviews" if args.text else "images"
+    unit = "texts" if args.lm else "reviews" if args.text else "images"
     for path in args.paths:
         a = next(r for r in rows if r["path"] == path and r["rows"] == lo)
         b = next(r for r in rows if r["path"] == path and r["rows"] == hi)

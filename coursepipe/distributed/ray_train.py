@@ -282,8 +282,10 @@ class Ahead:
 class ShardBatches:
     """One rank's batches from Ray Data (Kind.batches' role on the streaming path).
 
-    train: the rank's share of the split (Ray Train splits it equally, so every rank takes the
-    same number of steps), reshuffled each epoch in a local buffer seeded by (seed, epoch).
+    train: the rank's share of the split (Ray Train splits its rows equally, so every rank takes
+    the same number of steps; a kind that makes its own batches from them may give ranks
+    different numbers, and then `agree` stops them together), reshuffled each epoch in a local
+    buffer seeded by (seed, epoch).
     valid: rank 0 scores every validation row and the other ranks none (the metric sums are
     added over ranks), so no row is dropped or counted twice. Every Ray Data execution costs a
     fixed start-up (seconds: tasks scheduled, decode processes started), so rank 0 keeps the
