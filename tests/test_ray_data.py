@@ -81,6 +81,35 @@ def test_a_kind_without_a_streaming_path_is_refused_naming_the_key(prepared, adu
         train.load_frame(cfg, adult, prepared)
 
 
+def test_the_lessons_language_model_keeps_memory_and_is_refused_naming_its_model_section(project):
+    """human_numbers is one ordered document (a shuffle of its rows would be another task): its
+    kind streams AWD-LSTM corpora only, and says so before anything is read."""
+    from conftest import small_params
+    from coursepipe.stages import train
+
+    raw = small_params(recipes=("human_numbers",))
+    raw["recipes"]["human_numbers"]["train"]["data_path"] = "ray_data"
+    write_params(project.root, raw)
+    with pytest.raises(config.ConfigError, match=r"recipes.human_numbers.train.data_path: ray_data "
+                                                  r".*language_model has none for a LMModel model"):
+        train.load_frame(load_cfg(project, "human_numbers"), recipes.get("human_numbers"), project)
+
+
+def test_a_corpus_whose_texts_are_not_in_text_is_refused_the_streaming_path(project):
+    from conftest import small_params
+    from coursepipe.contract import Schema
+
+    raw = small_params(recipes=("imdb_pretrain", "imdb_lm"))
+    raw["recipes"]["imdb_lm"]["train"]["data_path"] = "ray_data"
+    write_params(project.root, raw)
+    cfg, lm = load_cfg(project, "imdb_lm"), recipes.get("imdb_lm")
+    lm.check_config(cfg)                                   # the corpus recipes stream "text"
+    other = dataclasses.replace(lm, schema=Schema(columns=("review", "part"), target="review"))
+    with pytest.raises(config.ConfigError, match=r"recipes.imdb_lm.train.data_path: ray_data streams "
+                                                  r"the text column 'text'.*'review'"):
+        other.check_config(cfg)
+
+
 def test_every_rank_takes_the_same_steps_and_validation_counts_each_row_once():
     a = [ShardBatches("train", 101, 10, r, 2, 0, True, 64) for r in (0, 1)]
     assert [len(s) for s in a] == [10, 10] and a[0].bs == 5     # 50 rows a rank, batches of 5

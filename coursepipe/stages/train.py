@@ -102,7 +102,8 @@ def load_frame(cfg: RecipeConfig, recipe: Recipe, paths: Paths, upstream: Path |
     heavy = kind.heavy_columns(cfg.model)
     if not heavy:
         raise config.ConfigError(f"recipes.{cfg.name}.train.data_path: ray_data needs a kind with a "
-                                 f"streaming path; kind {kind.name} has none (use memory)")
+                                 f"streaming path; kind {kind.name} has none for a "
+                                 f"{type(cfg.model).__name__} model section (use memory)")
     frame = prepare.load(paths, cfg.name, without=heavy)
     needs = kind.processor_columns(cfg.model)  # e.g. pixels for the data's own statistics
     train_rows = (prepare.load(paths, cfg.name, without=tuple(c for c in heavy if c not in needs), valid=False)
