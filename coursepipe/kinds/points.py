@@ -18,6 +18,7 @@ import pandas as pd
 
 from coursepipe.config import ConfigError, Evaluate, Validate, positive
 from coursepipe.contract import Evaluation, Kind, Spec
+from coursepipe.data.split import seeded_order
 from coursepipe.kinds.image import MODES, PretrainedNet
 
 POINT = ("x", "y")
@@ -103,7 +104,8 @@ class PointRegression(Kind):
         for side, rows in (("training", ~out["is_valid"]), ("validation", out["is_valid"])):
             if not rows.any():
                 raise ValueError(f"prepare@{recipe.name}: no {side} frames (check the split settings)")
-        return out
+        # BIWI lists a person's frames together: the streaming path's local shuffle needs mixed rows
+        return seeded_order(out, p.seed)
 
     def expectations(self, recipe, v: PointValidate) -> list[Spec]:
         """Usable rows (the `problem` column names the files), frames of allowed size and mode,
@@ -136,6 +138,14 @@ class PointRegression(Kind):
                 "mean": mean, "std": std, "target": list(POINT),
                 "units": "model output (u, v) in [-1, 1]: x = (u + 1) * width / 2, y = (v + 1) * height / 2",
                 "target_mean": units(train).mean(0).tolist()}
+
+    # the streaming path (train.data_path: ray_data): Ray Data's tasks decode the frames with
+    # tensors() (Kind.stream_rows' default); AugmentPoints moves image and point on the worker
+    def heavy_columns(self, m) -> tuple[str, ...]:
+        return ("image",)
+
+    def processor_columns(self, m: PointNet) -> tuple[str, ...]:
+        return ("image",) if m.normalize == "data" else ()   # only the data's own stats need pixels
 
     def tensors(self, recipe, processor: dict, df) -> tuple:
         """(x uint8 (N, C, H, W), y float32 (N, 2) in units)."""
