@@ -146,19 +146,17 @@ def test_streamed_lm_rows_are_whole_texts_in_arrival_order_and_stop_at_the_first
 
 
 def test_lm_processor_counts_the_training_stream_text_by_text():
-    from coursepipe import recipes
-    from coursepipe.kinds.language_model import AWDLSTMModel
-    from coursepipe.text.tokenizer import stream
-
-    lm = recipes.get("imdb_lm")
-    m = AWDLSTMModel(arch="awd_lstm", emb_sz=8, n_hid=8, n_layers=1, drop_mult=0.0, embed_p=0.0,
-                     weight_p=0.0, input_p=0.0, hidden_p=0.0, output_p=0.0, embed_init=0.1,
-                     seq_len=8, min_freq=1, max_vocab=50)
     import pandas as pd
+
+    from coursepipe import recipes
+    from coursepipe.text.tokenizer import stream
+    from test_ray_data import corpus_model
+
+    lm, m = recipes.get("imdb_lm"), corpus_model(seq_len=8)
     df = pd.DataFrame({"text": ["A fine film.", "Dull,  dull <br /> DULL!", "fine fine film"]})
     processor = lm.kind.fit_processor(lm, df, m)
     assert processor["train_tokens"] == len(stream(processor, df["text"])) > 3 * 3
-    assert processor["itos"] == make_vocab(text_tokens(processor, df["text"]), 1, 50)  # one vocabulary
+    assert processor["itos"] == make_vocab(text_tokens(processor, df["text"]), 1, 100)  # one vocabulary
 
 
 # ----------------------------------------------------------------------------- state reset
