@@ -181,19 +181,25 @@ def image_rows(args, work: Path) -> list[dict]:
     return rows
 
 
+def per_size(args, root: Path, recipe: str, key: str, unit: str) -> list[dict]:
+    """For each size: `recipe` prepared from that many rows (`prepare.<key>`), validated, then
+    trained once per data path."""
+    rows = []
+    for n in args.sizes:
+        set_params(root, recipe, "prepare", **{key: n})
+        cli(root, "prepare", recipe)
+        cli(root, "validate", recipe)
+        table = root / "prepared" / recipe / "table.parquet"
+        print(f"{n} {unit}: prepared table {table.stat().st_size / 1e6:.1f} MB", flush=True)
+        rows += [measure(root, recipe, n, path) for path in args.paths]
+    return rows
+
+
 def lm_rows(args, work: Path) -> list[dict]:
     root = new_root(work / "root-lm", lm_params(Path(args.text).resolve(), args.threads))
     cli(root, "fetch", "imdb_pretrain", "--no-dvc")
     cli(root, "gx-init", "imdb_pretrain")
-    rows = []
-    for n in args.sizes:
-        set_params(root, "imdb_pretrain", "prepare", max_texts=n)
-        cli(root, "prepare", "imdb_pretrain")
-        cli(root, "validate", "imdb_pretrain")
-        table = root / "prepared" / "imdb_pretrain" / "table.parquet"
-        print(f"{n} texts: prepared table {table.stat().st_size / 1e6:.1f} MB", flush=True)
-        rows += [measure(root, "imdb_pretrain", n, path) for path in args.paths]
-    return rows
+    return per_size(args, root, "imdb_pretrain", "max_texts", "texts")
 
 
 def text_rows(args, work: Path) -> list[dict]:
@@ -205,15 +211,7 @@ def text_rows(args, work: Path) -> list[dict]:
             cli(root, "prepare", recipe)
             cli(root, "validate", recipe)
             cli(root, "train", recipe)
-    rows = []
-    for n in args.sizes:
-        set_params(root, "imdb", "prepare", max_train=n)
-        cli(root, "prepare", "imdb")
-        cli(root, "validate", "imdb")
-        table = root / "prepared" / "imdb" / "table.parquet"
-        print(f"{n} reviews: prepared table {table.stat().st_size / 1e6:.1f} MB", flush=True)
-        rows += [measure(root, "imdb", n, path) for path in args.paths]
-    return rows
+    return per_size(args, root, "imdb", "max_train", "reviews")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,6 +61,11 @@ class Evaluation:
     plots: Path                   # plots/<recipe>/: every picture and table goes here
 
 
+def even_steps(rows: int, bs: int, world: int) -> int:
+    """Whole batches of bs / world rows in one rank's equal share of `rows` (global batch bs)."""
+    return (rows // world) // max(1, bs // world)
+
+
 class Kind(abc.ABC):
     """What every recipe of one kind of task shares. Subclasses set the class attributes and
     implement the abstract methods; the others have defaults that fit most kinds."""
@@ -187,7 +192,7 @@ class Kind(abc.ABC):
     def stream_steps(self, processor: dict, m, rows: int, bs: int, world: int) -> int:
         """Steps of one rank's training pass over `rows` usable training rows (global batch bs),
         for the schedule. Default: its equal share of the rows in batches of bs / world."""
-        return (rows // world) // max(1, bs // world)
+        return even_steps(rows, bs, world)
 
     def stream_batches(self, processor: dict, m, chunks, bs: int, rng):
         """A rank's pass when stream_chunk(m) > 0: the chunks of decoded rows it pulls (dicts of

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from coursepipe.config import ConfigError, Train
-from coursepipe.contract import ContractError
+from coursepipe.contract import ContractError, even_steps
 from coursepipe.distributed.cluster import RAY_ENV
 from coursepipe.learn import program
 
@@ -313,7 +313,7 @@ class ShardBatches:
         self.ahead: Ahead | None = None
         if train:
             self.bs = max(1, bs // world)
-            self.n = (rows // world) // self.bs if steps is None else steps  # Kind.stream_steps
+            self.n = even_steps(rows, bs, world) if steps is None else steps  # Kind.stream_steps
         else:
             self.bs = bs
             self.n = -(-rows // bs) if rank == 0 else 0

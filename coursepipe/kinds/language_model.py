@@ -174,11 +174,8 @@ class LanguageModel(Kind):
         return (TEXT,)  # the vocabulary and the stream's length, from the training texts
 
     def stream_rows(self, recipe, processor: dict, df) -> dict:
-        import numpy as np
-        from coursepipe.text.tokenizer import encode
-        ragged = np.empty(len(df), dtype=object)  # one id array per text: Ray keeps them ragged
-        ragged[:] = encode(processor["itos"], df[processor["text_column"]])
-        return {"t0": ragged}
+        from coursepipe.text.tokenizer import encode, ragged
+        return {"t0": ragged(encode(processor["itos"], df[processor["text_column"]]))}
 
     def stream_chunk(self, m) -> int:
         from coursepipe.text.lm_data import TEXTS_PER_ROW

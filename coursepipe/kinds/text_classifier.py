@@ -160,11 +160,9 @@ class TextClassification(Kind):
         return ()
 
     def stream_rows(self, recipe, processor: dict, df) -> dict:
-        import numpy as np
+        from coursepipe.text.tokenizer import ragged
         ids, y = self._xy(processor, df)
-        ragged = np.empty(len(ids), dtype=object)  # one id array per row: Ray keeps them ragged
-        ragged[:] = ids
-        return {"t0": ragged, "t1": y.numpy()}
+        return {"t0": ragged(ids), "t1": y.numpy()}
 
     def stream_chunk(self, m) -> int:
         from coursepipe.text.classify import SORTISH_CHUNK

@@ -39,3 +39,10 @@ def vocab_of(counts: Counter, min_freq: int = 3, max_vocab: int = 60_000) -> lis
 def encode(itos: list[str], texts) -> list[np.ndarray]:
     """Each text's ids (xxbos first), as the exported predictor computes them."""
     return [numericalize(tokenize(str(t)), itos) for t in texts]
+
+
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """An object array of per-row arrays: a column Ray Data keeps ragged (one id array per text)."""
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
